@@ -1,0 +1,63 @@
+"""Attention family: non-causal scaled-dot-product attention on (B, H, N, D)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from fastvit import backend, reference
+from fastvit._autocast import autocast_dtype, autocast_off, cast
+from fastvit.ops import _checks as check
+
+backend.register("attention", "eager", reference.attention)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v. q: (B, H, Nq, D), k, v: (B, H, Nk, D) -> (B, H, Nq, D).
+
+    Means ``F.scaled_dot_product_attention`` (non-causal), with ``scale`` defaulting to D ** -0.5.
+    ``mask`` broadcasts to (B, H, Nq, Nk) (key padding: (B, 1, 1, Nk)); boolean True = attend, or
+    an additive float mask (not differentiable). A query row with nothing to attend gives output 0
+    and gradient 0. ``dropout_p`` drops attention probabilities whenever it is > 0: pass 0 in eval.
+    q, k, v may be strided views (e.g. of a packed qkv projection).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check.tensor(name, t, 4, "a 4-D tensor (B, H, N, D)")
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    check.shape("k", k, (B, H, None, D), "(q's batch, heads and head dim)")
+    check.shape("v", v, (B, H, Nk, D), "(k's batch, heads and length, q's head dim)")
+    if Nq == 0 or Nk == 0 or D == 0:
+        raise ValueError(f"q and k must have at least one token and a head dim >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor (bool or float) or None, got {type(mask).__name__}")
+        if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+            raise TypeError(f"mask must be boolean (True = attend) or an additive float tensor, got {mask.dtype}")
+        target = (B, H, Nq, Nk)
+        try:
+            ok = mask.dim() <= 4 and torch.broadcast_shapes(mask.shape, target) == target
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"mask must broadcast to (B, H, Nq, Nk) = {target}, got shape {tuple(mask.shape)}")
+        check.no_grad_required("mask", mask, "additive masks are not differentiable in fastvit")
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale)
+    ):
+        raise ValueError(f"scale must be a finite float or None (= head_dim ** -0.5), got {scale!r}")
+    dropout_p = check.probability("dropout_p", dropout_p)
+    check.same_device("q", q, k=k, v=v, mask=mask)
+    q, k, v = cast(autocast_dtype(q), q, k, v)
+    check.same_dtype("q", q, k=k, v=v)
+    with autocast_off(q):
+        return backend.dispatch("attention", q, k, v, mask, None if scale is None else float(scale), dropout_p)

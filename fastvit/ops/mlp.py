@@ -1,0 +1,85 @@
+"""MLP family: LayerNorm, and LayerNorm + Linear + GELU + Linear (+ residual) as one op."""
+
+from __future__ import annotations
+
+import torch
+
+from fastvit import backend, reference
+from fastvit._autocast import autocast_dtype, autocast_off, cast
+from fastvit.ops import _checks as check
+
+backend.register("layer_norm", "eager", reference.layer_norm)
+backend.register("layernorm_mlp", "eager", reference.layernorm_mlp)
+
+
+def _check_norm_params(x: torch.Tensor, weight, bias, eps, wname: str, bname: str) -> float:
+    C = x.shape[-1]
+    check.tensor(wname, weight, 1, f"a 1-D tensor ({C},)", optional=True)
+    check.tensor(bname, bias, 1, f"a 1-D tensor ({C},)", optional=True)
+    check.shape(wname, weight, (C,), "(x's last dim)")
+    check.shape(bname, bias, (C,), "(x's last dim)")
+    return check.positive_float("eps", eps)
+
+
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, eps: float = 1e-5
+) -> torch.Tensor:
+    """LayerNorm over the last dim. x: (..., C), weight, bias: (C,) or None -> x's shape.
+
+    Means ``F.layer_norm(x, (C,), weight, bias, eps)`` with fp32 statistics; the output is in x's
+    dtype, or the autocast dtype under autocast.
+    """
+    check.tensor("x", x, tuple(range(1, 9)), "a tensor (..., C) with at least one dim")
+    eps = _check_norm_params(x, weight, bias, eps, "weight", "bias")
+    check.same_device("x", x, weight=weight, bias=bias)
+    # No GEMM operand to cast: autocast stays on and each backend writes the autocast dtype.
+    return backend.dispatch("layer_norm", x, weight, bias, eps)
+
+
+def layernorm_mlp(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor | None,
+    ln_bias: torch.Tensor | None,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor | None,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+    eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """``fc2(drop(gelu(fc1(layer_norm(x)))))``, then ``drop``, plus ``residual``. x: (..., C) -> (..., C_out).
+
+    fc1_weight: (hidden, C), fc2_weight: (C_out, hidden), exact (erf) GELU, LayerNorm with fp32
+    statistics. The result is in the GEMM dtype (the autocast dtype, else x's), or in residual's
+    dtype when ``residual`` (shape (..., C_out)) is given. ``dropout_p`` applies whenever > 0.
+    """
+    check.tensor("x", x, tuple(range(1, 9)), "a tensor (..., C) with at least one dim")
+    eps = _check_norm_params(x, ln_weight, ln_bias, eps, "ln_weight", "ln_bias")
+    check.tensor("fc1_weight", fc1_weight, 2, "a 2-D weight (hidden, C)")
+    check.tensor("fc1_bias", fc1_bias, 1, "a 1-D bias (hidden,)", optional=True)
+    check.tensor("fc2_weight", fc2_weight, 2, "a 2-D weight (C_out, hidden)")
+    check.tensor("fc2_bias", fc2_bias, 1, "a 1-D bias (C_out,)", optional=True)
+    C, hidden, C_out = x.shape[-1], fc1_weight.shape[0], fc2_weight.shape[0]
+    check.shape("fc1_weight", fc1_weight, (hidden, C), "(hidden, x's last dim)")
+    check.shape("fc1_bias", fc1_bias, (hidden,))
+    check.shape("fc2_weight", fc2_weight, (C_out, hidden), "(C_out, fc1_weight's rows)")
+    check.shape("fc2_bias", fc2_bias, (C_out,))
+    if residual is not None:
+        check.tensor("residual", residual, x.dim(), f"a tensor of the output's shape {(*x.shape[:-1], C_out)}")
+        check.shape("residual", residual, (*x.shape[:-1], C_out), "(the output's shape)")
+    dropout_p = check.probability("dropout_p", dropout_p)
+    check.same_device(
+        "x", x, ln_weight=ln_weight, ln_bias=ln_bias, fc1_weight=fc1_weight, fc1_bias=fc1_bias,
+        fc2_weight=fc2_weight, fc2_bias=fc2_bias, residual=residual,
+    )
+    dt = autocast_dtype(x)
+    if dt is not None:
+        fc1_weight, fc1_bias, fc2_weight, fc2_bias = cast(dt, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+        check.same_dtype("fc1_weight", fc1_weight, fc2_weight=fc2_weight)
+    else:
+        check.same_dtype("x", x, fc1_weight=fc1_weight, fc2_weight=fc2_weight)
+    with autocast_off(x):
+        return backend.dispatch(
+            "layernorm_mlp", x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, dropout_p
+        )

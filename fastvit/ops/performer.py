@@ -1,0 +1,55 @@
+"""Performer family: T2T-ViT's linearized single-head attention (random-feature softmax kernel)."""
+
+from __future__ import annotations
+
+import torch
+
+from fastvit import backend, reference
+from fastvit._autocast import autocast_dtype, autocast_off, cast
+from fastvit.ops import _checks as check
+
+backend.register("performer_attention", "eager", reference.performer_attention)
+
+
+def performer_attention(
+    x: torch.Tensor,
+    kqv_weight: torch.Tensor,
+    kqv_bias: torch.Tensor | None,
+    w: torch.Tensor,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor | None,
+    eps: float = 1e-8,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """T2T-ViT's ``Token_performer.single_attn``. x: (B, T, dim) -> (B, T, emb).
+
+    ``k, q, v = split(x @ kqv_weight.T + kqv_bias, emb)`` (kqv_weight: (3 emb, dim), k first);
+    ``phi(u) = exp(u w^T - |u|^2 / 2) / sqrt(m)`` with w: (m, emb);
+    ``y = phi(q) (phi(k)^T v) / (phi(q) sum_t phi(k) + eps)``; output
+    ``v + dropout(y @ proj_weight.T + proj_bias)`` (proj_weight: (emb, emb)) in v's dtype.
+    Features, their sums and the normaliser are fp32. ``dropout_p`` applies whenever > 0.
+    """
+    check.tensor("x", x, 3, "a 3-D token tensor (B, T, dim)")
+    check.tensor("kqv_weight", kqv_weight, 2, "a 2-D weight (3 * emb, dim)")
+    check.tensor("kqv_bias", kqv_bias, 1, "a 1-D bias (3 * emb,)", optional=True)
+    check.tensor("w", w, 2, "the 2-D random-feature matrix (m, emb)")
+    check.tensor("proj_weight", proj_weight, 2, "a 2-D weight (emb, emb)")
+    check.tensor("proj_bias", proj_bias, 1, "a 1-D bias (emb,)", optional=True)
+    dim = x.shape[-1]
+    emb = proj_weight.shape[0]
+    check.shape("proj_weight", proj_weight, (emb, emb), "(square: emb x emb)")
+    check.shape("kqv_weight", kqv_weight, (3 * emb, dim), "(3 * emb, x's last dim)")
+    check.shape("kqv_bias", kqv_bias, (3 * emb,))
+    check.shape("w", w, (None, emb), "(m random features, emb)")
+    check.shape("proj_bias", proj_bias, (emb,))
+    if w.shape[0] == 0:
+        raise ValueError("w must have at least one random feature (m >= 1), got shape (0, emb)")
+    eps = check.positive_float("eps", eps)
+    dropout_p = check.probability("dropout_p", dropout_p)
+    check.same_device("x", x, kqv_weight=kqv_weight, kqv_bias=kqv_bias, w=w, proj_weight=proj_weight, proj_bias=proj_bias)
+    x, kqv_weight, kqv_bias, proj_weight, proj_bias = cast(
+        autocast_dtype(x), x, kqv_weight, kqv_bias, proj_weight, proj_bias
+    )
+    check.same_dtype("x", x, kqv_weight=kqv_weight, proj_weight=proj_weight)
+    with autocast_off(x):
+        return backend.dispatch("performer_attention", x, kqv_weight, kqv_bias, w, proj_weight, proj_bias, eps, dropout_p)

@@ -1,0 +1,166 @@
+"""Eager twins of every fastvit op: the ground truth in tests and the "eager" backend.
+
+Written for clarity, in plain PyTorch, for any floating dtype (float64 included). Each function
+applies DESIGN.md's autocast rule itself, so it can be called directly under ``torch.autocast``:
+GEMM operands take the autocast dtype, LayerNorm statistics are fp32, softmax and the Performer's
+features, sums and normaliser are computed in (at least) fp32, and the output is in the autocast
+dtype (the residual's dtype when a residual is passed; the Performer's is v's dtype).
+
+Dropout (``dropout_p > 0``) is applied with ``torch``'s RNG, as ``F.dropout(training=True)``:
+modules pass ``dropout_p=0`` in eval mode.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fastvit._autocast import autocast_dtype, autocast_off, cast
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float32, or float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def patch_embed(x, weight, bias, patch_size, pos_embed=None, cls_token=None):
+    """Non-overlapping patch embedding. x: (B, C, H, W), weight: (D, C, p, p) -> (B, L (+1), D).
+
+    ``conv2d(x, weight, bias, stride=p)`` flattened to tokens, the cls token (``(D,)``, ``(1, D)`` or
+    ``(1, 1, D)``, expanded over the batch) put in front, then ``+ pos_embed`` (``(L', D)`` or
+    ``(1, L', D)``, L' = tokens including the cls token).
+    """
+    dt = autocast_dtype(x)
+    if dt is not None:
+        x, weight, bias, pos_embed, cls_token = cast(dt, x, weight, bias, pos_embed, cls_token)
+    with autocast_off(x):
+        p = _pair(patch_size)
+        b = None if bias is None else bias.to(x.dtype)
+        y = F.conv2d(x, weight, b, stride=p).flatten(2).transpose(1, 2)  # (B, L, D)
+        if cls_token is not None:
+            cls = cls_token.to(y.dtype).reshape(1, 1, -1).expand(y.shape[0], 1, -1)
+            y = torch.cat([cls, y], dim=1)
+        if pos_embed is not None:
+            y = y + pos_embed.to(y.dtype).reshape(1, y.shape[1], -1)
+        return y
+
+
+def soft_split(x, kernel_size, stride, padding):
+    """T2T-ViT's overlapping soft split. x: (B, C, H, W) -> (B, L, C * k * k).
+
+    ``F.unfold(x, kernel_size, stride=stride, padding=padding).transpose(1, 2)``; each token's
+    features are ordered (c, ki, kj). Pure data movement: the dtype is kept, also under autocast.
+    """
+    return F.unfold(x, _pair(kernel_size), padding=_pair(padding), stride=_pair(stride)).transpose(1, 2)
+
+
+def attention(q, k, v, mask=None, scale=None, dropout_p=0.0):
+    """softmax(q k^T * scale + mask) v, non-causal. q: (B, H, Nq, D), k, v: (B, H, Nk, D) -> (B, H, Nq, D).
+
+    ``mask`` broadcasts to (B, H, Nq, Nk): boolean (True = attend) or additive float. A query row
+    with no key to attend (all False, or all -inf) gives output 0 and gradient 0.
+    ``scale`` defaults to D ** -0.5. Scores and softmax are in at least fp32; the probabilities are
+    cast to v's dtype for the second GEMM (as a flash kernel does).
+    """
+    dt = autocast_dtype(q)
+    if dt is not None:
+        q, k, v = cast(dt, q, k, v)
+    with autocast_off(q):
+        acc = _acc(q.dtype)
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        s = torch.matmul(q, k.transpose(-2, -1)).to(acc) * scale
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(acc)
+        attended = (s > float("-inf")).any(dim=-1, keepdim=True)
+        p = torch.softmax(torch.where(attended, s, 0.0), dim=-1)
+        p = torch.where(attended, p, 0.0)
+        if dropout_p > 0:
+            p = F.dropout(p, dropout_p, training=True)
+        return torch.matmul(p.to(v.dtype), v)
+
+
+def performer_features(u, w):
+    """Positive random features phi(u) = exp(u w^T - |u|^2 / 2) / sqrt(m). u: (..., emb), w: (m, emb) -> (..., m).
+
+    Computed in at least fp32 whatever u's dtype.
+    """
+    acc = _acc(u.dtype)
+    u = u.to(acc)
+    return torch.exp(u @ w.to(acc).T - (u * u).sum(-1, keepdim=True) / 2) / math.sqrt(w.shape[0])
+
+
+def performer_attention(x, kqv_weight, kqv_bias, w, proj_weight, proj_bias, eps=1e-8, dropout_p=0.0):
+    """T2T-ViT's ``Token_performer.single_attn``. x: (B, T, dim) -> (B, T, emb).
+
+    ``k, q, v = split(x @ kqv_weight.T + kqv_bias, emb)`` (k first); features phi (see
+    :func:`performer_features`, ``w``: (m, emb)); ``y = phi(q) (phi(k)^T v) / (phi(q) sum_t phi(k) + eps)``;
+    output ``v + dropout(y @ proj_weight.T + proj_bias)`` in v's dtype. Features, sums and the
+    normaliser are fp32 (float64 for float64 inputs).
+    """
+    dt = autocast_dtype(x)
+    if dt is not None:
+        x, kqv_weight, kqv_bias, proj_weight, proj_bias = cast(dt, x, kqv_weight, kqv_bias, proj_weight, proj_bias)
+    with autocast_off(x):
+        emb = proj_weight.shape[0]
+        kqv = F.linear(x, kqv_weight, None if kqv_bias is None else kqv_bias.to(x.dtype))
+        k, q, v = kqv.split(emb, dim=-1)
+        kp, qp = performer_features(k, w), performer_features(q, w)  # (B, T, m)
+        kp_sum = kp.sum(dim=1)  # (B, m)
+        kptv = kp.transpose(1, 2) @ v.to(kp.dtype)  # (B, m, emb)
+        normaliser = qp @ kp_sum.unsqueeze(-1)  # (B, T, 1)
+        y = (qp @ kptv) / (normaliser + eps)  # (B, T, emb)
+        out = F.linear(y.to(v.dtype), proj_weight, None if proj_bias is None else proj_bias.to(v.dtype))
+        if dropout_p > 0:
+            out = F.dropout(out, dropout_p, training=True)
+        return v + out
+
+
+def layer_norm(x, weight=None, bias=None, eps=1e-5):
+    """LayerNorm over the last dim with fp32 statistics. x: (..., C), weight, bias: (C,) or None -> x's shape.
+
+    The output is in x's dtype, or the autocast dtype under autocast.
+    """
+    out_dtype = autocast_dtype(x) or x.dtype
+    with autocast_off(x):
+        acc = _acc(x.dtype)
+        xf = x.to(acc)
+        mean = xf.mean(dim=-1, keepdim=True)
+        var = (xf - mean).square().mean(dim=-1, keepdim=True)
+        y = (xf - mean) * torch.rsqrt(var + eps)
+        if weight is not None:
+            y = y * weight.to(acc)
+        if bias is not None:
+            y = y + bias.to(acc)
+        return y.to(out_dtype)
+
+
+def layernorm_mlp(
+    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=1e-6, residual=None, dropout_p=0.0
+):
+    """``fc2(drop(gelu(fc1(layer_norm(x)))))``, then ``drop``, plus ``residual``. x: (..., C) -> (..., C_out).
+
+    fc1_weight: (hidden, C), fc2_weight: (C_out, hidden); exact (erf) GELU. The LayerNorm output is
+    written in the GEMM dtype (the autocast dtype, else fc1_weight's); the result is in the GEMM
+    dtype, or residual's dtype when a residual (shape of the result) is given.
+    """
+    dt = autocast_dtype(x)
+    if dt is not None:
+        fc1_weight, fc1_bias, fc2_weight, fc2_bias = cast(dt, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    with autocast_off(x):
+        gemm_dtype = fc1_weight.dtype
+        h = layer_norm(x, ln_weight, ln_bias, eps).to(gemm_dtype)
+        h = F.gelu(F.linear(h, fc1_weight, None if fc1_bias is None else fc1_bias.to(gemm_dtype)))
+        if dropout_p > 0:
+            h = F.dropout(h, dropout_p, training=True)
+        y = F.linear(h, fc2_weight, None if fc2_bias is None else fc2_bias.to(gemm_dtype))
+        if dropout_p > 0:
+            y = F.dropout(y, dropout_p, training=True)
+        if residual is not None:
+            y = residual + y.to(residual.dtype)
+        return y

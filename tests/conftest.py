@@ -1,0 +1,43 @@
+"""Test harness: Triton's interpreter on CPU, a fixed seed per test, NaN-poisoned kernel outputs, the gpu marker."""
+
+import os
+import zlib
+
+import torch
+
+# Triton reads TRITON_INTERPRET when a kernel is defined: set it before anything imports triton.
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fastvit  # noqa: E402
+from fastvit import _library  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (runs on the device machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_poison(request):
+    """Seed every test from its id (fixed, but different per test) and poison kernel outputs."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    torch.manual_seed(seed)
+    _library.poison_outputs(True)
+    yield
+    _library.poison_outputs(False)
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    """No test leaks a backend selection into the next one."""
+    before = fastvit.get_backend()
+    yield
+    fastvit.use_backend(before)

@@ -1,0 +1,105 @@
+"""DESIGN.md's numerics rule and the inputs it is judged on.
+
+For every output and gradient: ``max|fused - ref64| <= 2 * max|eager - ref64| + 2 * eps(dtype) * max|ref64|``,
+where ref64 is fastvit.reference in float64 and eager the same reference in the test dtype. NaN never
+passes (kernel outputs are NaN-poisoned by conftest, so an unwritten element fails too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+
+def _max_abs(t: torch.Tensor) -> float:
+    return float(t.abs().max()) if t.numel() else 0.0
+
+
+def assert_numerics(name: str, fused: torch.Tensor, ref64: torch.Tensor, eager: torch.Tensor, dtype: torch.dtype) -> None:
+    """Judge ``fused`` by the rule; on failure say how many elements are off, where, and by how much."""
+    assert fused.shape == ref64.shape, f"{name}: shape {tuple(fused.shape)}, expected {tuple(ref64.shape)}"
+    assert torch.isfinite(ref64).all(), f"{name}: the float64 reference is not finite (broken test input)"
+    nan = torch.isnan(fused)
+    assert not nan.any(), f"{name}: {int(nan.sum())} of {fused.numel()} elements are NaN (first at {tuple(nan.nonzero()[0].tolist())})"
+    err = (fused.double() - ref64).abs()
+    budget = 2 * _max_abs(eager.double() - ref64) + 2 * torch.finfo(dtype).eps * _max_abs(ref64)
+    if _max_abs(err) > budget:
+        bad = err > budget
+        worst = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
+        raise AssertionError(
+            f"{name} ({dtype}): {int(bad.sum())} of {err.numel()} elements exceed the budget {budget:.3e}; "
+            f"worst at {worst}: got {float(fused[worst]):.6e}, float64 reference {float(ref64[worst]):.6e} "
+            f"(error {_max_abs(err):.3e}; same-dtype eager error {_max_abs(eager.double() - ref64):.3e})"
+        )
+
+
+def randn(*shape, dtype=torch.float32, offset: float = 0.0, scale: float = 1.0, outliers: int = 0) -> torch.Tensor:
+    """Normal data in ``dtype``, shifted by ``offset``, with ``outliers`` entries set to +-20 * scale."""
+    t = torch.randn(*shape, dtype=torch.float64) * scale + offset
+    if outliers:
+        idx = torch.randint(0, t.numel(), (outliers,))
+        t.view(-1)[idx] = offset + 20 * scale * torch.sign(torch.randn(outliers, dtype=torch.float64))
+    return t.to(dtype)
+
+
+def noncontiguous(t: torch.Tensor) -> torch.Tensor:
+    """The same values in a non-contiguous tensor (every other element of a wider buffer)."""
+    wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    wide[..., ::2] = t
+    out = wide[..., ::2]
+    assert not out.is_contiguous() or t.shape[-1] <= 1
+    return out
+
+
+def expanded_grad(shape, dtype) -> torch.Tensor:
+    """A stride-0 upstream gradient, as ``out.sum().backward()`` delivers it."""
+    return torch.randn((), dtype=dtype).expand(shape)
+
+
+def check_against_reference(
+    fused_fn: Callable,
+    ref_fn: Callable,
+    inputs: Mapping[str, object],
+    dtype: torch.dtype,
+    grad_out: torch.Tensor | None = None,
+    name: str = "",
+) -> None:
+    """Run ``fused_fn(**inputs)``, ``ref_fn`` on float64 copies and ``ref_fn`` on the inputs, forward and
+    backward, and judge the output and the gradient of every input that requires grad.
+
+    ``inputs`` are drawn in the test dtype; tensors that require grad are differentiated. The same
+    upstream gradient (random in the output dtype unless given) is used for all three runs.
+    """
+
+    def prepare(to64: bool):
+        out = {}
+        for k, v in inputs.items():
+            if isinstance(v, torch.Tensor):
+                t = v.detach().double() if to64 and v.is_floating_point() else v.detach()
+                out[k] = t.requires_grad_(v.requires_grad)
+            else:
+                out[k] = v
+        return out
+
+    runs = {}
+    for label, fn, to64 in (("fused", fused_fn, False), ("ref64", ref_fn, True), ("eager", ref_fn, False)):
+        args = prepare(to64)
+        y = fn(**args)
+        if grad_out is None:
+            grad_out = torch.randn(y.shape, dtype=y.dtype)
+        g = grad_out.double() if to64 else grad_out.to(y.dtype)
+        wrt = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+        grads = torch.autograd.grad(y, [args[k] for k in wrt], g, allow_unused=True) if wrt else ()
+        runs[label] = (y, dict(zip(wrt, grads)))
+
+    prefix = f"{name}: " if name else ""
+    y, grads = runs["fused"]
+    assert_numerics(prefix + "output", y, runs["ref64"][0], runs["eager"][0], dtype)
+    for k, g in grads.items():
+        g64, ge = runs["ref64"][1][k], runs["eager"][1][k]
+        if g64 is None:
+            assert g is None or not g.any(), f"{prefix}grad of {k} should be zero"
+            continue
+        assert g is not None, f"{prefix}no gradient reached {k}"
+        assert_numerics(f"{prefix}grad {k}", g, g64, ge, dtype)

@@ -1,0 +1,116 @@
+"""Backend selection: use_backend / get_backend, FASTVIT_BACKEND, auto's choice, clear errors."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastvit
+from fastvit import backend, ops
+from fastvit.backend import BackendUnavailableError
+
+
+@pytest.fixture
+def registry():
+    """Snapshot the kernel registry and availability checks; restore them after the test."""
+    impls = {fn: dict(v) for fn, v in backend._impls.items()}
+    avail = dict(backend._availability)
+    yield backend
+    for fn in impls:
+        backend._impls[fn] = impls[fn]
+    backend._availability.update(avail)
+
+
+def test_default_and_eager_serves_every_function():
+    assert fastvit.get_backend() == dict.fromkeys(backend.FAMILIES, "auto")
+    for fn in ("patch_embed", "soft_split", "attention", "performer_attention", "layer_norm", "layernorm_mlp"):
+        assert hasattr(ops, fn) and "eager" in backend.implementations(fn)
+
+
+def test_use_backend_function_and_context_manager():
+    fastvit.use_backend("eager")
+    assert fastvit.get_backend("mlp") == "eager"
+    with fastvit.use_backend({"attention": "auto"}):
+        assert fastvit.get_backend() == {"embed": "eager", "attention": "auto", "performer": "eager", "mlp": "eager"}
+        with fastvit.use_backend("AUTO"):
+            assert set(fastvit.get_backend().values()) == {"auto"}
+        assert fastvit.get_backend("attention") == "auto" and fastvit.get_backend("mlp") == "eager"
+    assert fastvit.get_backend() == dict.fromkeys(backend.FAMILIES, "eager")
+
+
+@pytest.mark.parametrize(
+    "spec, error, match",
+    [
+        ("fast", ValueError, "backend must be one of"),
+        ({"mlpp": "eager"}, ValueError, "unknown op family 'mlpp'"),
+        ({"mlp": "tpu"}, ValueError, "backend for family 'mlp' must be one of"),
+        (3, TypeError, "backend must be a str or a dict"),
+        ("mlp=eager,attention", ValueError, "expected 'name' or 'family=name"),
+    ],
+)
+def test_bad_specs(spec, error, match):
+    with pytest.raises(error, match=match):
+        fastvit.use_backend(spec)
+    assert set(fastvit.get_backend().values()) == {"auto"}  # a rejected spec changes nothing
+
+
+def test_backend_without_kernel_is_not_available(registry):
+    for fn in backend.FUNCTIONS:
+        registry._impls[fn].pop("triton", None)
+    registry.register_availability("triton", lambda: None)
+    with pytest.raises(BackendUnavailableError, match="backend 'triton' is not available for family 'attention'"):
+        fastvit.use_backend({"attention": "triton"})
+    registry.register_availability("cuda", lambda: "no CUDA GPU is visible")
+    with pytest.raises(BackendUnavailableError, match="'cuda' is not available for 'mlp': no CUDA GPU"):
+        fastvit.use_backend({"mlp": "cuda"})
+
+
+def test_registered_kernel_is_selected_and_refuses_with_its_reason(registry):
+    calls = []
+
+    def fake_attention(q, k, v, mask, scale, dropout_p):
+        calls.append(q.shape)
+        return torch.zeros_like(q)
+
+    registry.register_availability("triton", lambda: None)
+    registry.register("attention", "triton", fake_attention, lambda q, *a: None if q.shape[-1] == 16 else f"head dim {q.shape[-1]}")
+    q = torch.randn(1, 2, 5, 16)
+    with fastvit.use_backend({"attention": "triton"}):
+        assert torch.equal(ops.attention(q, q, q), torch.zeros_like(q)) and len(calls) == 1
+        q88 = torch.randn(1, 2, 5, 88)
+        with pytest.raises(BackendUnavailableError, match="cannot serve attention here: head dim 88"):
+            ops.attention(q88, q88, q88)
+    # auto never takes a fused backend for CPU tensors: the interpreter is a testing tool
+    assert not torch.equal(ops.attention(q, q, q), torch.zeros_like(q)) and len(calls) == 1
+
+
+def test_auto_order_cuda_triton_eager(registry, monkeypatch):
+    registry.register_availability("triton", lambda: None)
+    registry.register_availability("cuda", lambda: None)
+    registry.register("layer_norm", "triton", lambda *a: "triton", lambda x, *a: None if x.shape[-1] % 2 == 0 else "odd C")
+    registry.register("layer_norm", "cuda", lambda *a: "cuda", lambda x, *a: None if x.shape[-1] == 8 else "C != 8")
+    assert backend.select("layer_norm", torch.empty(2, 8), None, None, 1e-5).backend == "eager"  # CPU input
+    monkeypatch.setattr(backend, "_auto_considers_fused", lambda args, kwargs: True)  # as for CUDA inputs
+    assert backend.select("layer_norm", torch.empty(2, 8, device="meta"), None, None, 1e-5).backend == "cuda"
+    assert backend.select("layer_norm", torch.empty(2, 6, device="meta"), None, None, 1e-5).backend == "triton"
+    assert backend.select("layer_norm", torch.empty(2, 7, device="meta"), None, None, 1e-5).backend == "eager"
+
+
+def test_env_var_parsing(monkeypatch):
+    monkeypatch.setenv("FASTVIT_BACKEND", "mlp=eager, attention=auto")
+    backend._init_from_env()
+    assert fastvit.get_backend("mlp") == "eager" and fastvit.get_backend("embed") == "auto"
+    monkeypatch.setenv("FASTVIT_BACKEND", "warp")
+    with pytest.raises(ValueError, match="FASTVIT_BACKEND='warp'"):
+        backend._init_from_env()
+
+
+def test_env_var_is_read_at_import():
+    env = {**os.environ, "FASTVIT_BACKEND": "eager"}
+    out = subprocess.run(
+        [sys.executable, "-c", "import fastvit; print(sorted(set(fastvit.get_backend().values())))"],
+        env=env, capture_output=True, text=True, check=True,
+    )
+    assert out.stdout.strip() == "['eager']"
