@@ -3,8 +3,12 @@
 from fastvit import backend as _backend
 from fastvit import nn, ops, reference
 from fastvit.backend import BackendUnavailableError, get_backend, use_backend
+from fastvit.models import SimpleViT, T2TViT, ViT, VisionTransformer, create_model
 
 __version__ = "0.1.0"
-__all__ = ["BackendUnavailableError", "get_backend", "nn", "ops", "reference", "use_backend"]
+__all__ = [
+    "BackendUnavailableError", "SimpleViT", "T2TViT", "ViT", "VisionTransformer", "create_model", "get_backend", "nn",
+    "ops", "reference", "use_backend",
+]
 
 _backend._init_from_env()

@@ -13,7 +13,7 @@ import torch
 
 
 def _max_abs(t: torch.Tensor) -> float:
-    return float(t.abs().max()) if t.numel() else 0.0
+    return float(t.detach().abs().max()) if t.numel() else 0.0
 
 
 def assert_numerics(name: str, fused: torch.Tensor, ref64: torch.Tensor, eager: torch.Tensor, dtype: torch.dtype) -> None:
@@ -22,6 +22,7 @@ def assert_numerics(name: str, fused: torch.Tensor, ref64: torch.Tensor, eager: 
     assert torch.isfinite(ref64).all(), f"{name}: the float64 reference is not finite (broken test input)"
     nan = torch.isnan(fused)
     assert not nan.any(), f"{name}: {int(nan.sum())} of {fused.numel()} elements are NaN (first at {tuple(nan.nonzero()[0].tolist())})"
+    fused, ref64, eager = fused.detach(), ref64.detach(), eager.detach()
     err = (fused.double() - ref64).abs()
     budget = 2 * _max_abs(eager.double() - ref64) + 2 * torch.finfo(dtype).eps * _max_abs(ref64)
     if _max_abs(err) > budget:

@@ -1,0 +1,247 @@
+"""timm's VisionTransformer built from fastvit.nn: same constructor arguments, same ``state_dict`` keys."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fastvit.models._pos_embed import posemb_sincos_2d
+from fastvit.models.convert import resample_pos_embed
+from fastvit.nn import Block, LayerNorm, PatchEmbed
+
+GLOBAL_POOLS = ("", "token", "avg", "avgmax", "max")
+POS_EMBEDS = ("learn", "sincos", "none", "")
+
+
+def _unsupported(name: str, value, allowed) -> ValueError:
+    return ValueError(f"{name}={value!r} is not supported by fastvit's VisionTransformer (supported: {allowed!r})")
+
+
+def _check_pool(global_pool: str, has_class_token: bool) -> None:
+    if global_pool in ("map", "prr"):
+        raise _unsupported("global_pool", global_pool, GLOBAL_POOLS)
+    if global_pool not in GLOBAL_POOLS:
+        raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
+    if global_pool == "token" and not has_class_token:
+        raise ValueError("global_pool='token' needs the class token: use class_token=True or another global_pool")
+
+
+class VisionTransformer(nn.Module):
+    """Vision Transformer (Dosovitskiy et al.) with timm's options and ``state_dict`` keys.
+
+    x: (B, in_chans, H, W) -> logits (B, num_classes), or pooled features (B, embed_dim) when
+    ``num_classes=0``. Keys: ``patch_embed.proj``, ``cls_token`` (1, 1, D), ``reg_token`` (1, R, D),
+    ``pos_embed`` (1, L, D), ``norm_pre``, ``blocks.N.*``, ``norm``, ``fc_norm``, ``head``.
+
+    ``pos_embed``: ``'learn'`` (a parameter), ``'sincos'`` (fixed 2-D sin-cos table, a buffer outside
+    the state_dict; prefix tokens get zeros), ``'none'``. ``norm_eps`` is every LayerNorm's eps (timm:
+    1e-6). timm options fastvit lacks (``qk_norm``, ``proj_bias=False``, ``'map'`` pooling, patch
+    dropout, ``dynamic_img_pad``, jax/moco init) raise ValueError.
+    """
+
+    def __init__(
+        self,
+        img_size=224,
+        patch_size=16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "token",
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        proj_bias: bool = True,
+        init_values: float | None = None,
+        class_token: bool = True,
+        pos_embed: str = "learn",
+        no_embed_class: bool = False,
+        reg_tokens: int = 0,
+        pre_norm: bool = False,
+        final_norm: bool = True,
+        fc_norm: bool | None = None,
+        pool_include_prefix: bool = False,
+        dynamic_img_size: bool = False,
+        dynamic_img_pad: bool = False,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        patch_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        weight_init: str = "",
+        fix_init: bool = False,
+        norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        for name, value, ok in (
+            ("qk_norm", qk_norm, False), ("proj_bias", proj_bias, True), ("dynamic_img_pad", dynamic_img_pad, False),
+        ):
+            if value != ok:
+                raise _unsupported(name, value, ok)
+        if patch_drop_rate:
+            raise _unsupported("patch_drop_rate", patch_drop_rate, 0.0)
+        if weight_init not in ("", "skip"):
+            raise _unsupported("weight_init", weight_init, ("", "skip"))
+        if pos_embed not in POS_EMBEDS:
+            raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
+        if reg_tokens < 0:
+            raise ValueError(f"reg_tokens must be >= 0, got {reg_tokens}")
+        _check_pool(global_pool, class_token)
+        use_fc_norm = global_pool in ("avg", "avgmax", "max") if fc_norm is None else fc_norm
+
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_reg_tokens = reg_tokens
+        self.num_prefix_tokens = int(class_token) + reg_tokens
+        self.has_class_token = class_token
+        self.no_embed_class = no_embed_class
+        self.pool_include_prefix = pool_include_prefix
+        self.dynamic_img_size = dynamic_img_size
+        self.pos_embed_type = "none" if pos_embed in ("", "none") else pos_embed
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, bias=not pre_norm)
+        grid = self.patch_embed.grid_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
+        embed_len = self.patch_embed.num_patches + (0 if no_embed_class else self.num_prefix_tokens)
+        if self.pos_embed_type == "learn":
+            self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, embed_dim))
+        elif self.pos_embed_type == "sincos":
+            self.register_buffer("pos_embed", self._sincos(grid), persistent=False)
+        else:
+            self.pos_embed = None
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+        self.norm_pre = LayerNorm(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
+
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist() if depth else []
+        self.blocks = nn.Sequential(*[
+            Block(
+                embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate,
+                attn_drop=attn_drop_rate, init_values=init_values, drop_path=dpr[i], eps=norm_eps,
+            )
+            for i in range(depth)
+        ])
+        self.norm = LayerNorm(embed_dim, eps=norm_eps) if final_norm and not use_fc_norm else nn.Identity()
+        self.fc_norm = LayerNorm(embed_dim, eps=norm_eps) if final_norm and use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+        if weight_init != "skip":
+            self.init_weights()
+        if fix_init:
+            self.fix_init_weight()
+
+    def _sincos(self, grid: tuple[int, int]) -> torch.Tensor:
+        table = posemb_sincos_2d(grid[0], grid[1], self.embed_dim)
+        n_prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+        return torch.cat([table.new_zeros(n_prefix, self.embed_dim), table]).unsqueeze(0)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """timm's default init: truncated normal (std 0.02) Linear weights and learned position
+        table, zero biases, cls / register tokens N(0, 1e-6)."""
+        if isinstance(self.pos_embed, nn.Parameter):
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for t in (self.cls_token, self.reg_token):
+            if t is not None:
+                nn.init.normal_(t, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    @torch.no_grad()
+    def fix_init_weight(self) -> None:
+        """Scale each block's output projections by 1 / sqrt(2 * (layer + 1)) (timm's ``fix_init``)."""
+        for i, blk in enumerate(self.blocks):
+            blk.attn.proj.weight.div_(math.sqrt(2.0 * (i + 1)))
+            blk.mlp.fc2.weight.div_(math.sqrt(2.0 * (i + 1)))
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token", "reg_token"}
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """New head of ``num_classes`` outputs (0: identity); optionally another ``global_pool``."""
+        if global_pool is not None:
+            _check_pool(global_pool, self.has_class_token)
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        ref = next(self.parameters(), None)
+        kw = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+        self.head = nn.Linear(self.embed_dim, num_classes, **kw) if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
+
+    def _pos_table(self, grid: tuple[int, int]) -> torch.Tensor | None:
+        if self.pos_embed is None or grid == self.patch_embed.grid_size:
+            return self.pos_embed
+        if self.pos_embed_type == "sincos":
+            return self._sincos(grid).to(self.pos_embed)
+        n_prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+        return resample_pos_embed(self.pos_embed, grid, self.patch_embed.grid_size, n_prefix)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"x must be an image batch (B, C, H, W), got shape {tuple(x.shape)}")
+        (H, W), (ph, pw) = x.shape[-2:], self.patch_embed.patch_size
+        if H % ph or W % pw:
+            raise ValueError(f"x's image size {(H, W)} must be a multiple of patch_size {(ph, pw)}")
+        grid = (H // ph, W // pw)
+        if grid != self.patch_embed.grid_size and not self.dynamic_img_size:
+            raise ValueError(
+                f"x's image size {(H, W)} differs from img_size {self.patch_embed.img_size}: build the model "
+                f"with img_size={(H, W)} or dynamic_img_size=True"
+            )
+        pos = self._pos_table(grid)
+        n_prefix = self.num_prefix_tokens
+        if self.cls_token is not None and self.reg_token is None and (pos is None or not self.no_embed_class):
+            return self.pos_drop(self.patch_embed(x, pos, self.cls_token))
+        prefix = [t for t in (self.cls_token, self.reg_token) if t is not None]
+        if pos is not None and not self.no_embed_class and n_prefix:
+            x = self.patch_embed(x, pos[:, n_prefix:])
+            prefix = [torch.cat(prefix, dim=1) + pos[:, :n_prefix]]
+        else:
+            x = self.patch_embed(x, pos)
+        if prefix:
+            x = torch.cat([t.to(x.dtype).expand(x.shape[0], -1, -1) for t in prefix] + [x], dim=1)
+        return self.pos_drop(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> tokens (B, prefix + H/p * W/p, embed_dim) after the blocks and ``norm``."""
+        x = self.norm_pre(self._embed(x))
+        x = self.blocks(x)
+        return self.norm(x)
+
+    def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        """(B, N, D) -> (B, D) by ``global_pool`` (or ``pool_type``); ``''`` returns x unchanged."""
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if not pool_type:
+            return x
+        if pool_type == "token":
+            return x[:, 0]
+        x = x if self.pool_include_prefix else x[:, self.num_prefix_tokens:]
+        if pool_type == "avg":
+            return x.mean(dim=1)
+        if pool_type == "avgmax":
+            return 0.5 * (x.amax(dim=1) + x.mean(dim=1))
+        if pool_type == "max":
+            return x.amax(dim=1)
+        raise ValueError(f"pool_type must be one of {GLOBAL_POOLS}, got {pool_type!r}")
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens (B, N, D) -> logits (B, num_classes), or pooled features (B, D) with ``pre_logits``."""
+        x = self.head_drop(self.fc_norm(self.pool(x)))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))

@@ -1,0 +1,134 @@
+"""fastvit.nn modules against timm's and T2T-ViT's own modules, loaded with the same state_dict."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastvit.nn as fnn
+
+timm_vit = pytest.importorskip("timm.models.vision_transformer")
+timm_layers = pytest.importorskip("timm.layers")
+
+
+def _up(t):
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+class OfficialTokenPerformer(nn.Module):
+    """T2T-ViT's Token_performer (models/token_performer.py of the official repository).
+
+    Unchanged but for ``.float()`` -> ``_up()``, so that it also runs in float64 (the official casts
+    would downcast float64 to float32).
+    """
+
+    def __init__(self, dim, in_dim, head_cnt=1, kernel_ratio=0.5, dp1=0.1, dp2=0.1):
+        super().__init__()
+        self.emb = in_dim * head_cnt
+        self.kqv = nn.Linear(dim, 3 * self.emb)
+        self.dp = nn.Dropout(dp1)
+        self.proj = nn.Linear(self.emb, self.emb)
+        self.head_cnt = head_cnt
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(self.emb)
+        self.epsilon = 1e-8
+        self.mlp = nn.Sequential(nn.Linear(self.emb, 1 * self.emb), nn.GELU(), nn.Linear(1 * self.emb, self.emb), nn.Dropout(dp2))
+        self.m = int(self.emb * kernel_ratio)
+        self.w = torch.randn(self.m, self.emb)
+        self.w = nn.Parameter(nn.init.orthogonal_(self.w) * math.sqrt(self.m), requires_grad=False)
+
+    def prm_exp(self, x):
+        xd = ((x * x).sum(dim=-1, keepdim=True)).repeat(1, 1, self.m) / 2
+        wtx = torch.einsum("bti,mi->btm", _up(x), self.w)
+        return torch.exp(wtx - xd) / math.sqrt(self.m)
+
+    def single_attn(self, x):
+        k, q, v = torch.split(self.kqv(x), self.emb, dim=-1)
+        kp, qp = self.prm_exp(k), self.prm_exp(q)
+        D = torch.einsum("bti,bi->bt", qp, kp.sum(dim=1)).unsqueeze(dim=2)
+        kptv = torch.einsum("bin,bim->bnm", _up(v), kp)
+        y = torch.einsum("bti,bni->btn", qp, kptv) / (D.repeat(1, 1, self.emb) + self.epsilon)
+        y = v + self.dp(self.proj(y))
+        return y
+
+    def forward(self, x):
+        x = self.single_attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return x
+
+
+def _same(ours, theirs, *inputs, dtype=torch.float64):
+    ours.to(dtype).eval()
+    theirs.to(dtype).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    a = [x.to(dtype).requires_grad_() for x in inputs]
+    b = [x.to(dtype).requires_grad_() for x in inputs]
+    ya, yb = ours(*a), theirs(*b)
+    torch.testing.assert_close(ya, yb)
+    ga = torch.autograd.grad(ya.square().sum(), [*a, *(p for p in ours.parameters() if p.requires_grad)])
+    gb = torch.autograd.grad(yb.square().sum(), [*b, *(p for p in theirs.parameters() if p.requires_grad)])
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y)
+
+
+def test_patch_embed_matches_timm():
+    ours = fnn.PatchEmbed(32, 8, 3, 48)
+    _same(ours, timm_layers.PatchEmbed(32, 8, 3, 48), torch.randn(2, 3, 32, 32))
+    pos, cls = torch.randn(1, 17, 48, dtype=torch.float64), torch.randn(1, 1, 48, dtype=torch.float64)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    expected = torch.cat([cls.expand(2, 1, 48), ours(x)], 1) + pos
+    torch.testing.assert_close(ours(x, pos, cls), expected)
+    with pytest.raises(ValueError, match="img_size"):
+        fnn.PatchEmbed(30, 8)
+
+
+def test_soft_split_matches_unfold():
+    x = torch.randn(2, 3, 32, 32)
+    ss = fnn.SoftSplit(7, 4, 2)
+    assert torch.equal(ss(x), nn.Unfold(7, stride=4, padding=2)(x).transpose(1, 2))
+    assert ss.output_size(224, 224) == (56, 56)
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_attention_matches_timm(qkv_bias):
+    _same(fnn.Attention(48, 3, qkv_bias=qkv_bias), timm_vit.Attention(48, 3, qkv_bias=qkv_bias), torch.randn(2, 7, 48))
+
+
+@pytest.mark.parametrize("init_values", [None, 1e-2])
+def test_block_matches_timm(init_values):
+    ours = fnn.Block(48, 3, mlp_ratio=3.0, qkv_bias=True, init_values=init_values)
+    theirs = timm_vit.Block(48, 3, mlp_ratio=3.0, qkv_bias=True, init_values=init_values)
+    _same(ours, theirs, torch.randn(2, 11, 48))
+
+
+def test_block_training_dropout_and_drop_path():
+    block = fnn.Block(32, 2, proj_drop=0.2, attn_drop=0.2, drop_path=0.5).train()
+    x = torch.randn(8, 5, 32)
+    torch.manual_seed(0)
+    a = block(x)
+    torch.manual_seed(0)
+    assert torch.equal(a, block(x))  # reproducible under a seed
+    assert not torch.equal(a, block(x))
+    block.eval()
+    assert torch.equal(block(x), block(x))
+
+
+def test_token_performer_matches_official():
+    _same(fnn.TokenPerformer(147, 64), OfficialTokenPerformer(147, 64), torch.randn(2, 49, 147))
+    ours = fnn.TokenPerformer(27, 64)
+    assert not ours.w.requires_grad and ours.w.shape == (32, 64)
+    assert set(ours.state_dict()) == set(OfficialTokenPerformer(27, 64).state_dict())
+
+
+def test_layernorm_mlp_and_layer_norm_modules():
+    m = fnn.LayerNormMLP(24, 96, drop=0.1).double().eval()
+    x = torch.randn(3, 5, 24, dtype=torch.float64)
+    expected = m.fc2(F.gelu(m.fc1(m.norm(x))))
+    torch.testing.assert_close(m(x), expected)
+    torch.testing.assert_close(m(x, residual=x), x + expected)
+    ln = fnn.LayerNorm(24, eps=1e-6).double()
+    torch.testing.assert_close(ln(x), F.layer_norm(x, (24,), ln.weight, ln.bias, 1e-6))
+    mlp = fnn.Mlp(24, 48).double()
+    torch.testing.assert_close(mlp(x), mlp.fc2(F.gelu(mlp.fc1(x))))

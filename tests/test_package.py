@@ -1,0 +1,59 @@
+"""The package as installed: public names, kernels/ and csrc/ mapped into fastvit, the README quickstart."""
+
+import importlib.resources
+import pathlib
+import re
+
+import pytest
+
+import fastvit
+import fastvit.csrc
+import fastvit.kernels
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_design_table_names_exist():
+    for name in ("patch_embed", "soft_split", "attention", "performer_attention", "layer_norm", "layernorm_mlp"):
+        assert callable(getattr(fastvit.ops, name))
+        assert callable(getattr(fastvit.reference, name))
+    for name in ("PatchEmbed", "SoftSplit", "Attention", "TokenPerformer", "LayerNormMLP", "Block"):
+        assert isinstance(getattr(fastvit.nn, name), type)
+    assert callable(fastvit.use_backend) and callable(fastvit.get_backend)
+
+
+def test_kernels_and_csrc_are_subpackages_of_fastvit():
+    assert pathlib.Path(fastvit.kernels.__file__).parent.name == "kernels"
+    csrc = importlib.resources.files("fastvit.csrc")
+    assert csrc.is_dir() and (csrc / "__init__.py").is_file()
+
+
+def test_readme_quickstart_runs():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert blocks, "README has no python quickstart"
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {})
+
+
+@pytest.mark.gpu
+def test_every_op_runs_on_cuda_under_bf16_autocast():
+    import torch
+
+    from fastvit import ops
+
+    dev = "cuda"
+    x = torch.randn(2, 3, 32, 32, device=dev)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        t = ops.patch_embed(x, torch.randn(64, 3, 8, 8, device=dev), None, 8)
+        assert t.dtype == torch.bfloat16
+        q = torch.randn(2, 4, 197, 64, device=dev)
+        assert ops.attention(q, q, q).dtype == torch.bfloat16
+        w = torch.randn(32, 64, device=dev)
+        p = ops.performer_attention(t.float(), torch.randn(192, 64, device=dev), None, w, torch.randn(64, 64, device=dev), None)
+        assert p.dtype == torch.bfloat16
+        y = torch.randn(2, 16, 64, device=dev)
+        assert ops.layer_norm(y).dtype == torch.bfloat16
+        fc1, fc2 = torch.randn(256, 64, device=dev), torch.randn(64, 256, device=dev)
+        assert ops.layernorm_mlp(y, None, None, fc1, None, fc2, None, residual=y).dtype == torch.float32
