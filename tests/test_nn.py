@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fastvit
 import fastvit.nn as fnn
 
 timm_vit = pytest.importorskip("timm.models.vision_transformer")
@@ -132,3 +133,19 @@ def test_layernorm_mlp_and_layer_norm_modules():
     torch.testing.assert_close(ln(x), F.layer_norm(x, (24,), ln.weight, ln.bias, 1e-6))
     mlp = fnn.Mlp(24, 48).double()
     torch.testing.assert_close(mlp(x), mlp.fc2(F.gelu(mlp.fc1(x))))
+
+
+def test_fronts_trace_with_torch_compile_fullgraph():
+    """Checks, autocast and backend selection in the op fronts trace without graph breaks."""
+    block, tp, pe = fnn.Block(64, 4, qkv_bias=True), fnn.TokenPerformer(27, 64).eval(), fnn.PatchEmbed(32, 8, 3, 64)
+
+    def f(x, img):
+        t = pe(img, torch.zeros(1, 17, 64), torch.zeros(64))
+        return block(x).sum() + block(t).sum() + tp(fastvit.ops.soft_split(img, 3, 2, 1)).sum()
+
+    x, img = torch.randn(2, 17, 64, requires_grad=True), torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(x, img)
+    (gx,) = torch.autograd.grad(out, x)
+    torch.testing.assert_close(out, f(x, img))
+    torch.testing.assert_close(gx, torch.autograd.grad(f(x, img), x)[0])
