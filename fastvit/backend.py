@@ -70,6 +70,7 @@ _availability: dict[str, Callable[[], str | None]] = {
     "triton": _triton_available,
     "cuda": _cuda_available,
 }
+_availability_cache: dict[str, str | None] = {}
 _state: dict[str, str] = dict.fromkeys(FAMILIES, "auto")
 
 
@@ -77,7 +78,9 @@ def register(fn: str, backend: str, call: Callable, why_not: Callable[..., str |
     """Make ``call`` the ``backend`` implementation of public function ``fn``.
 
     ``call`` and ``why_not`` receive the arguments exactly as the op's front passes them (checked,
-    autocast applied). Registering twice for the same (fn, backend) replaces the first.
+    autocast applied); ``why_not`` runs on every call and must stay cheap and traceable by
+    torch.compile (shapes, dtypes, strides only). Registering twice for the same (fn, backend)
+    replaces the first.
     """
     if fn not in FUNCTIONS:
         raise ValueError(f"fn must be one of {sorted(FUNCTIONS)}, got {fn!r}")
@@ -93,11 +96,14 @@ def register_availability(backend: str, check: Callable[[], str | None]) -> None
     if backend not in ("triton", "cuda"):
         raise ValueError(f"backend must be 'triton' or 'cuda', got {backend!r}")
     _availability[backend] = check
+    _availability_cache.pop(backend, None)
 
 
 def availability(backend: str) -> str | None:
-    """None when ``backend`` can run on this machine, else the reason it cannot."""
-    return _availability[backend]()
+    """None when ``backend`` can run on this machine, else the reason it cannot (checked once)."""
+    if backend not in _availability_cache:
+        _availability_cache[backend] = _availability[backend]()
+    return _availability_cache[backend]
 
 
 def implementations(fn: str) -> tuple[str, ...]:

@@ -21,6 +21,7 @@ def registry():
     for fn in impls:
         backend._impls[fn] = impls[fn]
     backend._availability.update(avail)
+    backend._availability_cache.clear()
 
 
 def test_default_and_eager_serves_every_function():
