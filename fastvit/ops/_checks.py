@@ -9,8 +9,8 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def tensor(name: str, t, ndim: int | tuple[int, ...], what: str, *, optional: bool = False) -> None:
-    """``t`` is a floating tensor of rank ``ndim`` (``what`` describes the expected shape)."""
+def tensor(name: str, t, ndim: int | tuple[int, ...] | None, what: str, *, optional: bool = False) -> None:
+    """``t`` is a floating tensor of rank ``ndim`` (None: any rank >= 1); ``what`` describes the shape."""
     if t is None and optional:
         return
     if not isinstance(t, torch.Tensor):
@@ -18,7 +18,7 @@ def tensor(name: str, t, ndim: int | tuple[int, ...], what: str, *, optional: bo
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), got {t.dtype}")
     ndims = (ndim,) if isinstance(ndim, int) else ndim
-    if t.dim() not in ndims:
+    if (t.dim() == 0) if ndims is None else (t.dim() not in ndims):
         raise ValueError(f"{name} must be {what}, got shape {tuple(t.shape)}")
 
 
