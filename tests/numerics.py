@@ -104,3 +104,22 @@ def check_against_reference(
             continue
         assert g is not None, f"{prefix}no gradient reached {k}"
         assert_numerics(f"{prefix}grad {k}", g, g64, ge, dtype)
+
+
+def run_without_interpreter(code: str, timeout: float = 300) -> str:
+    """Run ``code`` in a fresh Python without TRITON_INTERPRET and return its stdout.
+
+    FakeTensorMode / make_fx of a ``triton_op`` only trace when kernels are not interpreted, so the
+    fake implementations and autograd wiring are checked on CPU in a subprocess.
+    """
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, f"subprocess failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout

@@ -1,0 +1,1 @@
+"""fastvit's benchmarks: bench_<family>.py per op family; results/ holds committed GPU runs."""
