@@ -25,7 +25,7 @@ import torch
 BACKENDS = ("auto", "eager", "triton", "cuda")
 FAMILIES: dict[str, tuple[str, ...]] = {
     "embed": ("patch_embed", "soft_split"),
-    "attention": ("attention",),
+    "attention": ("attention", "attention_qkvpacked"),
     "performer": ("performer_attention",),
     "mlp": ("layer_norm", "layernorm_mlp"),
 }
@@ -72,6 +72,20 @@ _availability: dict[str, Callable[[], str | None]] = {
 }
 _availability_cache: dict[str, str | None] = {}
 _state: dict[str, str] = dict.fromkeys(FAMILIES, "auto")
+
+
+def add_function(fn: str, family: str) -> None:
+    """Declare another public function of ``family`` (e.g. a packed or fused variant of its ops)."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {tuple(FAMILIES)}, got {family!r}")
+    if not fn.isidentifier():
+        raise ValueError(f"fn must be an identifier, got {fn!r}")
+    if FUNCTIONS.get(fn, family) != family:
+        raise ValueError(f"{fn!r} already belongs to family {FUNCTIONS[fn]!r}")
+    if fn not in FUNCTIONS:
+        FAMILIES[family] = (*FAMILIES[family], fn)
+        FUNCTIONS[fn] = family
+        _impls[fn] = {}
 
 
 def register(fn: str, backend: str, call: Callable, why_not: Callable[..., str | None] | None = None) -> Impl:

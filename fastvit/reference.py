@@ -85,6 +85,17 @@ def attention(q, k, v, mask=None, scale=None, dropout_p=0.0):
         return torch.matmul(p.to(v.dtype), v)
 
 
+def attention_qkvpacked(qkv, num_heads, mask=None, scale=None, dropout_p=0.0):
+    """Attention on a packed qkv projection. qkv: (B, N, 3 * H * D) -> (B, N, H * D).
+
+    The qkv projection's output, laid out (3, H, D) along the last dim as in timm and vit-pytorch,
+    to the output projection's input: :func:`attention` on its (B, H, N, D) views, heads merged back.
+    """
+    B, N, _ = qkv.shape
+    q, k, v = qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+    return attention(q, k, v, mask, scale, dropout_p).transpose(1, 2).reshape(B, N, -1)
+
+
 def performer_features(u, w):
     """Positive random features phi(u) = exp(u w^T - |u|^2 / 2) / sqrt(m). u: (..., emb), w: (m, emb) -> (..., m).
 

@@ -137,3 +137,31 @@ def test_bad_inputs(change, error, match):
     q, k, v = qkv(2, 3, 7, 7, 16, dtype=torch.float32)
     with pytest.raises(error, match=match):
         ops.attention(**change({"q": q, "k": k, "v": v}))
+
+
+def test_qkvpacked_matches_attention_on_views():
+    B, N, H, D = 2, 7, 3, 16
+    qkv = torch.randn(B, N, 3 * H * D, dtype=torch.float64)
+    q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+    keypad = masks(B, H, N, N)["keypad"]
+    expected = plain_attention(q, k, v, keypad, 0.2).transpose(1, 2).reshape(B, N, H * D)
+    torch.testing.assert_close(ops.attention_qkvpacked(qkv, H, keypad, 0.2), expected)
+    x = qkv.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: reference.attention_qkvpacked(t, H)[:, :3], (x[:1, :4, :],))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ops.attention_qkvpacked(qkv.float(), H).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "args, error, match",
+    [
+        ((torch.randn(2, 7, 96), 5), ValueError, r"qkv's last dim \(96\) must be 3 \* num_heads"),
+        ((torch.randn(2, 7, 96), 0), ValueError, "num_heads must be a positive int"),
+        ((torch.randn(7, 96), 2), ValueError, "qkv must be a 3-D"),
+        ((torch.randn(2, 7, 96).long(), 2), TypeError, "qkv must be a floating-point"),
+        ((torch.randn(2, 7, 96), 2, torch.ones(2, 1, 1, 6, dtype=torch.bool)), ValueError, "mask must broadcast"),
+    ],
+)
+def test_qkvpacked_bad_inputs(args, error, match):
+    with pytest.raises(error, match=match):
+        ops.attention_qkvpacked(*args)

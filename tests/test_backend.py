@@ -115,3 +115,21 @@ def test_env_var_is_read_at_import():
         env=env, capture_output=True, text=True, check=True,
     )
     assert out.stdout.strip() == "['eager']"
+
+
+def test_add_function(registry):
+    families = {k: v for k, v in backend.FAMILIES.items()}
+    try:
+        registry.add_function("soft_split_layer_norm_test", "embed")
+        assert backend.FUNCTIONS["soft_split_layer_norm_test"] == "embed"
+        registry.register("soft_split_layer_norm_test", "eager", lambda x: x + 1)
+        assert backend.dispatch("soft_split_layer_norm_test", 1) == 2
+        with pytest.raises(ValueError, match="already belongs to family 'embed'"):
+            registry.add_function("soft_split_layer_norm_test", "mlp")
+        with pytest.raises(ValueError, match="family must be one of"):
+            registry.add_function("x", "vision")
+    finally:
+        backend.FAMILIES.clear()
+        backend.FAMILIES.update(families)
+        backend.FUNCTIONS.pop("soft_split_layer_norm_test", None)
+        backend._impls.pop("soft_split_layer_norm_test", None)

@@ -204,16 +204,21 @@ class VisionTransformer(nn.Module):
             )
         pos = self._pos_table(grid)
         n_prefix = self.num_prefix_tokens
-        if self.cls_token is not None and self.reg_token is None and (pos is None or not self.no_embed_class):
-            return self.pos_drop(self.patch_embed(x, pos, self.cls_token))
         prefix = [t for t in (self.cls_token, self.reg_token) if t is not None]
-        if pos is not None and not self.no_embed_class and n_prefix:
+        if self.cls_token is not None and self.reg_token is None and (pos is None or not self.no_embed_class):
+            x = self.patch_embed(x, pos, self.cls_token)
+            prefix = []
+        elif pos is not None and not self.no_embed_class and n_prefix:
             x = self.patch_embed(x, pos[:, n_prefix:])
             prefix = [torch.cat(prefix, dim=1) + pos[:, :n_prefix]]
         else:
             x = self.patch_embed(x, pos)
         if prefix:
             x = torch.cat([t.to(x.dtype).expand(x.shape[0], -1, -1) for t in prefix] + [x], dim=1)
+        # Under autocast timm's cat / add with the fp32 tokens and table promote the residual stream to fp32: keep that.
+        for t in (self.cls_token, self.reg_token, pos):
+            if t is not None and t.dtype != x.dtype:
+                x = x.to(torch.promote_types(x.dtype, t.dtype))
         return self.pos_drop(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

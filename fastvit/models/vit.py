@@ -39,14 +39,17 @@ class ToPatches(nn.Module):
 
 
 class Attention(nn.Module):
-    """vit-pytorch's pre-norm Attention: ``to_out(attention(to_qkv(norm(x))))``. x: (B, N, dim) -> (B, N, dim)."""
+    """vit-pytorch's pre-norm Attention: ``to_out(attention(to_qkv(norm(x))))``. x: (B, N, dim) -> (B, N, dim).
 
-    def __init__(self, dim: int, heads: int, dim_head: int, to_out: nn.Module, dropout: float = 0.0):
+    ``dropout`` drops attention probabilities; None (SimpleViT) has no dropout module.
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int, to_out: nn.Module, dropout: float | None = 0.0):
         super().__init__()
         self.heads, self.dim_head = heads, dim_head
         self.scale = dim_head**-0.5
         self.norm = LayerNorm(dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = None if dropout is None else nn.Dropout(dropout)
         self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
         self.to_out = to_out
 
@@ -54,7 +57,7 @@ class Attention(nn.Module):
         B, N, _ = x.shape
         qkv = self.to_qkv(self.norm(x)).reshape(B, N, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        p = self.dropout.p if self.training else 0.0
+        p = self.dropout.p if self.dropout is not None and self.training else 0.0
         o = ops.attention(q, k, v, scale=self.scale, dropout_p=p)
         return self.to_out(o.transpose(1, 2).reshape(B, N, self.heads * self.dim_head))
 
@@ -96,7 +99,7 @@ class Transformer(nn.Module):
                 to_out = nn.Identity()
             else:
                 to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
-            attn = Attention(dim, heads, dim_head, to_out, dropout or 0.0)
+            attn = Attention(dim, heads, dim_head, to_out, dropout)
             layers.append(nn.ModuleList([attn, FeedForward(dim, mlp_dim, dropout)]))
         self.layers = nn.ModuleList(layers)
 

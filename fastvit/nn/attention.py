@@ -42,10 +42,6 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        B, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B, H, N, D) strided views, no copy
         p = self.attn_drop.p if self.training else 0.0
-        o = ops.attention(q, k, v, mask=mask, scale=self.scale, dropout_p=p)
-        o = o.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
+        o = ops.attention_qkvpacked(self.qkv(x), self.num_heads, mask=mask, scale=self.scale, dropout_p=p)
         return self.proj_drop(self.proj(o))

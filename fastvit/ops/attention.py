@@ -12,6 +12,27 @@ from fastvit._autocast import autocast_dtype, autocast_off, cast
 from fastvit.ops import _checks as check
 
 backend.register("attention", "eager", reference.attention)
+backend.register("attention_qkvpacked", "eager", reference.attention_qkvpacked)
+
+
+def _check_mask_scale_dropout(mask, scale, dropout_p, target: tuple[int, int, int, int]) -> float:
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor (bool or float) or None, got {type(mask).__name__}")
+        if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+            raise TypeError(f"mask must be boolean (True = attend) or an additive float tensor, got {mask.dtype}")
+        try:
+            ok = mask.dim() <= 4 and torch.broadcast_shapes(mask.shape, target) == target
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"mask must broadcast to (B, H, Nq, Nk) = {target}, got shape {tuple(mask.shape)}")
+        check.no_grad_required("mask", mask, "additive masks are not differentiable in fastvit")
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale)
+    ):
+        raise ValueError(f"scale must be a finite float or None (= head_dim ** -0.5), got {scale!r}")
+    return check.probability("dropout_p", dropout_p)
 
 
 def attention(
@@ -38,26 +59,39 @@ def attention(
     check.shape("v", v, (B, H, Nk, D), "(k's batch, heads and length, q's head dim)")
     if Nq == 0 or Nk == 0 or D == 0:
         raise ValueError(f"q and k must have at least one token and a head dim >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask must be a torch.Tensor (bool or float) or None, got {type(mask).__name__}")
-        if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
-            raise TypeError(f"mask must be boolean (True = attend) or an additive float tensor, got {mask.dtype}")
-        target = (B, H, Nq, Nk)
-        try:
-            ok = mask.dim() <= 4 and torch.broadcast_shapes(mask.shape, target) == target
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise ValueError(f"mask must broadcast to (B, H, Nq, Nk) = {target}, got shape {tuple(mask.shape)}")
-        check.no_grad_required("mask", mask, "additive masks are not differentiable in fastvit")
-    if scale is not None and (
-        isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale)
-    ):
-        raise ValueError(f"scale must be a finite float or None (= head_dim ** -0.5), got {scale!r}")
-    dropout_p = check.probability("dropout_p", dropout_p)
+    dropout_p = _check_mask_scale_dropout(mask, scale, dropout_p, (B, H, Nq, Nk))
     check.same_device("q", q, k=k, v=v, mask=mask)
     q, k, v = cast(autocast_dtype(q), q, k, v)
     check.same_dtype("q", q, k=k, v=v)
     with autocast_off(q):
         return backend.dispatch("attention", q, k, v, mask, None if scale is None else float(scale), dropout_p)
+
+
+def attention_qkvpacked(
+    qkv: torch.Tensor,
+    num_heads: int,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Attention on the qkv projection's output. qkv: (B, N, 3 * H * D) -> (B, N, H * D).
+
+    The last dim is laid out (3, H, D) as timm's and vit-pytorch's ``qkv`` Linear writes it; the
+    result is ready for the output projection. Means :func:`attention` on the (B, H, N, D) views
+    with the heads merged back; ``mask``, ``scale`` and ``dropout_p`` as there.
+    """
+    check.tensor("qkv", qkv, 3, "a 3-D packed projection (B, N, 3 * heads * head_dim)")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, numbers.Integral) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    B, N, width = qkv.shape
+    if width == 0 or width % (3 * num_heads):
+        raise ValueError(f"qkv's last dim ({width}) must be 3 * num_heads * head_dim with num_heads = {num_heads}")
+    if N == 0:
+        raise ValueError(f"qkv must have at least one token, got shape {tuple(qkv.shape)}")
+    dropout_p = _check_mask_scale_dropout(mask, scale, dropout_p, (B, int(num_heads), N, N))
+    check.same_device("qkv", qkv, mask=mask)
+    (qkv,) = cast(autocast_dtype(qkv), qkv)
+    with autocast_off(qkv):
+        return backend.dispatch(
+            "attention_qkvpacked", qkv, int(num_heads), mask, None if scale is None else float(scale), dropout_p
+        )
