@@ -14,8 +14,10 @@ A checkpoint moves between models of the same layout, fastvit's or the original 
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
+import pickle
 import re
 from collections.abc import Mapping, Sequence
 
@@ -33,9 +35,11 @@ class CheckpointError(ValueError):
     """A checkpoint does not fit a model: the message lists missing, unexpected and mis-shaped keys."""
 
 
-def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> Mapping:
+def read_checkpoint(path: str | os.PathLike, map_location="cpu", weights_only: bool = True) -> Mapping:
     """The object stored at ``path``: ``.safetensors`` through safetensors, anything else through
-    ``torch.load(weights_only=True)`` (plain tensors and containers only)."""
+    ``torch.load(weights_only=True)`` (tensors, containers and the ``argparse.Namespace`` that timm's
+    training script, used by T2T-ViT, stores as ``args``). ``weights_only=False`` unpickles anything:
+    only for files you trust."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint_path {path!r} is not a file")
@@ -43,7 +47,16 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> Mapping:
         from safetensors.torch import load_file
 
         return load_file(path, device=str(map_location))
-    return torch.load(path, map_location=map_location, weights_only=True)
+    if not weights_only:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path!r} holds Python objects that torch.load(weights_only=True) refuses ({e}); if you trust the file, "
+            f"load it with fastvit.models.convert.read_checkpoint(path, weights_only=False) and pass the dict"
+        ) from None
 
 
 def unwrap_state_dict(checkpoint: Mapping, use_ema: bool = False) -> dict[str, torch.Tensor]:

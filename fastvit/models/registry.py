@@ -77,7 +77,9 @@ for _name, _patch, _dim, _depth, _heads, _imgs in (
     for _img in _imgs:
         _vit(f"deit3_{_name}_patch{_patch}_{_img}", _patch, _dim, _depth, _heads, _img, **_deit3)
 
-for _depth, _dim, _heads, _ratio in ((7, 256, 4, 2.0), (10, 256, 4, 2.0), (12, 256, 4, 2.0), (14, 384, 6, 3.0), (19, 448, 7, 3.0), (24, 512, 8, 3.0)):
+for _depth, _dim, _heads, _ratio in (
+    (7, 256, 4, 2.0), (10, 256, 4, 2.0), (12, 256, 4, 2.0), (14, 384, 6, 3.0), (19, 448, 7, 3.0), (24, 512, 8, 3.0),
+):
     register_model(
         f"t2t_vit_{_depth}",
         ModelEntry(

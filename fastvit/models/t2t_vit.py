@@ -144,8 +144,8 @@ class T2TViT(nn.Module):
                 raise ValueError(f"global_pool must be 'token' or 'avg' for T2TViT, got {global_pool!r}")
             self.global_pool = global_pool
         self.num_classes = num_classes
-        ref = self.cls_token
-        self.head = nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype) if num_classes > 0 else nn.Identity()
+        kw = {"device": self.cls_token.device, "dtype": self.cls_token.dtype}
+        self.head = nn.Linear(self.embed_dim, num_classes, **kw) if num_classes > 0 else nn.Identity()
         self.head.train(self.training)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,8 @@ class VisionTransformer(nn.Module):
     ``pos_embed``: ``'learn'`` (a parameter), ``'sincos'`` (fixed 2-D sin-cos table, a buffer outside
     the state_dict; prefix tokens get zeros), ``'none'``. ``norm_eps`` is every LayerNorm's eps (timm:
     1e-6). timm options fastvit lacks (``qk_norm``, ``proj_bias=False``, ``'map'`` pooling, patch
-    dropout, ``dynamic_img_pad``, jax/moco init) raise ValueError.
+    dropout, ``dynamic_img_pad``, jax/moco init) raise ValueError. Under autocast the residual stream
+    stays float32 as in timm; LayerNorm outputs follow fastvit's rule (the autocast dtype).
     """
 
     def __init__(

@@ -3,7 +3,7 @@
 The module tree carries vit-pytorch's names (``to_patch_embedding.1/.2/.3``, ``transformer.layers.N.0``
 = Attention with ``norm``, ``to_qkv``, ``to_out``; ``transformer.layers.N.1.net`` = FeedForward), so
 checkpoints load both ways with ``strict=True``; forward runs fastvit's fused ops (layer_norm,
-attention, layernorm_mlp with the residual fused). LayerNorms use eps 1e-5, qkv has no bias.
+attention_qkvpacked, layernorm_mlp with the residual fused). LayerNorms use eps 1e-5, qkv has no bias.
 """
 
 from __future__ import annotations
@@ -54,12 +54,9 @@ class Attention(nn.Module):
         self.to_out = to_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, _ = x.shape
-        qkv = self.to_qkv(self.norm(x)).reshape(B, N, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
         p = self.dropout.p if self.dropout is not None and self.training else 0.0
-        o = ops.attention(q, k, v, scale=self.scale, dropout_p=p)
-        return self.to_out(o.transpose(1, 2).reshape(B, N, self.heads * self.dim_head))
+        o = ops.attention_qkvpacked(self.to_qkv(self.norm(x)), self.heads, scale=self.scale, dropout_p=p)
+        return self.to_out(o)
 
 
 class FeedForward(nn.Module):
@@ -154,7 +151,9 @@ class ViT(nn.Module):
         x = torch.cat((self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1), x), dim=1)
         seq = x.shape[1]
         if seq > self.pos_embedding.shape[0]:
-            raise ValueError(f"img has {seq} tokens but pos_embedding only {self.pos_embedding.shape[0]}: the image is larger than image_size")
+            raise ValueError(
+                f"img has {seq} tokens but pos_embedding only {self.pos_embedding.shape[0]}: the image is larger than image_size"
+            )
         x = self.dropout(x + self.pos_embedding[:seq])
         return self.transformer(x)
 
@@ -190,7 +189,9 @@ class SimpleViT(nn.Module):
         """img -> tokens (B, N, dim) after ``transformer.norm``."""
         x = self.to_patch_embedding(img)
         if x.shape[1] != self.pos_embedding.shape[0]:
-            raise ValueError(f"img has {x.shape[1]} patches but the model was built for {self.pos_embedding.shape[0]} (image_size)")
+            raise ValueError(
+                f"img has {x.shape[1]} patches but the model was built for {self.pos_embedding.shape[0]} (image_size)"
+            )
         return self.transformer(x + self.pos_embedding.to(x.dtype))
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
