@@ -28,11 +28,12 @@ def test_kernels_and_csrc_are_subpackages_of_fastvit():
     assert csrc.is_dir() and (csrc / "__init__.py").is_file()
 
 
-def test_readme_quickstart_runs():
+@pytest.mark.parametrize("section", ["Quickstart", "Models"])
+def test_readme_examples_run(section):
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert blocks, "README has no python quickstart"
+    text = readme.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, f"README's {section} has no python example"
     for code in blocks:
         exec(compile(code, "README.md", "exec"), {})
 
