@@ -6,9 +6,44 @@ import torch
 
 from fastvit import backend, reference
 from fastvit._autocast import autocast_dtype, autocast_off, cast
+from fastvit.kernels._common import device_ok, dtype_ok
 from fastvit.ops import _checks as check
 
 backend.register("performer_attention", "eager", reference.performer_attention)
+
+# The Triton kernels keep a token's k, q, v rows and the (emb, emb) projection in registers.
+_TRITON_MAX_EMB = 128
+_TRITON_MAX_FEATURES = 128
+
+
+def _triton_why_not(x, kqv_weight, kqv_bias, w, proj_weight, proj_bias, eps, dropout_p) -> str | None:
+    """Why the Triton kernels cannot serve these (checked, autocast) inputs, or None. Shapes and dtypes only."""
+    for name, t in (("x", x), ("w", w), ("kqv_bias", kqv_bias), ("proj_bias", proj_bias)):
+        if t is None:
+            continue
+        reason = device_ok(t) or dtype_ok(t)
+        if reason is not None:
+            return f"{name}: {reason}"
+    emb, m = proj_weight.shape[0], w.shape[0]
+    if emb > _TRITON_MAX_EMB:
+        return f"emb = {emb} > {_TRITON_MAX_EMB} (the kernels keep a token's k, q, v rows in registers)"
+    if m > _TRITON_MAX_FEATURES:
+        return f"m = {m} random features > {_TRITON_MAX_FEATURES}"
+    B, T, dim = x.shape
+    if B * T == 0 or dim == 0:
+        return f"empty input x of shape {tuple(x.shape)}"
+    if T * emb >= 2**31:
+        return f"T * emb = {T * emb} >= 2**31 (int32 dropout counters)"
+    return None
+
+
+def _triton_call(x, kqv_weight, kqv_bias, w, proj_weight, proj_bias, eps=1e-8, dropout_p=0.0):
+    from fastvit.kernels import performer as kernels
+
+    return kernels.performer_attention(x, kqv_weight, kqv_bias, w, proj_weight, proj_bias, eps, dropout_p)
+
+
+backend.register("performer_attention", "triton", _triton_call, _triton_why_not)
 
 
 def performer_attention(
@@ -28,6 +63,11 @@ def performer_attention(
     ``y = phi(q) (phi(k)^T v) / (phi(q) sum_t phi(k) + eps)``; output
     ``v + dropout(y @ proj_weight.T + proj_bias)`` (proj_weight: (emb, emb)) in v's dtype.
     Features, their sums and the normaliser are fp32. ``dropout_p`` applies whenever > 0.
+
+    Backends: eager (fastvit.reference) and triton (kernels/performer.py: two forward passes that
+    keep the features on chip, a fused backward; dropout fused with Philox, reproducible under
+    ``torch.manual_seed`` but a different mask than ``F.dropout``'s; fp32 features stay finite while
+    ``2 A + ln(T max(1, max|v|)) < 88.7`` with A the largest exponent, always true for T2T-ViT's w).
     """
     check.tensor("x", x, 3, "a 3-D token tensor (B, T, dim)")
     check.tensor("kqv_weight", kqv_weight, 2, "a 2-D weight (3 * emb, dim)")

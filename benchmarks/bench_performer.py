@@ -1,0 +1,215 @@
+"""Performer attention (T2T-ViT's Token_performer.single_attn): fastvit's Triton kernels against the official
+eager formulation (einsums, float32 features, under bf16 autocast) and torch.compile of it.
+
+Shapes: T2T-ViT-14's two token-to-token layers at batch 128, emb 64, m 32:
+(B=128, T=3136, dim=147) and (B=128, T=784, dim=576). Forward (no grad) and forward+backward (gradients
+to x and every trainable parameter), dropout 0 and 0.1; median ms (p20/p80), ratio to each baseline, and
+peak memory above the inputs.
+
+Roofline (H100 SXM: ~989 TFLOP/s dense bf16, ~3.35 TB/s HBM; bytes per kernels/performer.py's
+docstring, X = x's bytes, O = one (B, T, 64) bf16 tensor):
+
+- layer 1 (T3136, dim147, kqv recomputed): forward 2X + O = 287 MB -> 86 us (math ~40 GFLOP -> 40 us,
+  so memory-bound; x + out alone = 169 MB -> 50 us); backward 4X + 9O = 935 MB -> 280 us.
+- layer 2 (T784, dim576, kqv saved): forward X + 6O = 193 MB -> 58 us; backward 2X + 12O = 385 MB -> 115 us.
+
+The eager chain moves 5-12x those bytes (3.5 + 8.1 GB and 1.0 + 2.2 GB) (``--bytes`` prints the model: every aten op of the reference
+chain reading its inputs and writing its outputs, counted on meta tensors) in ~40 kernels and keeps
+fp32 (B, T, m) and (B, T, emb) intermediates for the backward. Expected: within 1.5-2x of the floors,
+>= 3x eager (the issue's target) and <= 0.5x its peak memory; torch.compile fuses the elementwise
+chain but not the reductions into the GEMMs, so fastvit should still lead it by >= 1.5x.
+
+``python -m benchmarks.bench_performer`` prints one line and exits 0 without a GPU;
+``--bytes`` prints the byte model (no GPU needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import torch
+
+from benchmarks.common import gpu_available, save, time_ms
+
+NAME = "performer"
+EMB, M = 64, 32
+SHAPES = [(128, 3136, 147), (128, 784, 576)]
+
+
+def official_single_attn(x, kqv_weight, kqv_bias, w, proj_weight, proj_bias, eps=1e-8, dropout_p=0.0):
+    """T2T-ViT's Token_performer.prm_exp + single_attn as published (einsums, ``.float()`` features)."""
+    emb, m = proj_weight.shape[0], w.shape[0]
+    k, q, v = torch.split(torch.nn.functional.linear(x, kqv_weight, kqv_bias), emb, dim=-1)
+
+    def prm_exp(u):
+        xd = ((u * u).sum(dim=-1, keepdim=True)).repeat(1, 1, m) / 2
+        wtx = torch.einsum("bti,mi->btm", u.float(), w)
+        return torch.exp(wtx - xd) / math.sqrt(m)
+
+    kp, qp = prm_exp(k), prm_exp(q)
+    D = torch.einsum("bti,bi->bt", qp, kp.sum(dim=1)).unsqueeze(dim=2)
+    kptv = torch.einsum("bin,bim->bnm", v.float(), kp)
+    y = torch.einsum("bti,bni->btn", qp, kptv) / (D.repeat(1, 1, emb) + eps)
+    return v + torch.nn.functional.dropout(torch.nn.functional.linear(y, proj_weight, proj_bias), dropout_p)
+
+
+def make_inputs(B, T, dim, device="cuda"):
+    """fp32 activations and parameters, as a T2T-ViT under autocast holds them (w fixed, as officially)."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device)
+
+    w = torch.nn.init.orthogonal_(torch.empty(M, EMB), generator=g) * math.sqrt(M)
+    return {
+        "x": r(B, T, dim),
+        "kqv_weight": r(3 * EMB, dim, scale=(3 * dim) ** -0.5),
+        "kqv_bias": r(3 * EMB, scale=0.02),
+        "w": w.to(device),
+        "proj_weight": r(EMB, EMB, scale=EMB**-0.5),
+        "proj_bias": r(EMB, scale=0.02),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Byte model of the eager chain (meta tensors, no GPU)
+# ------------------------------------------------------------------------------------------------
+
+
+def eager_bytes(B, T, dim, dtype=torch.bfloat16) -> tuple[int, int]:
+    """(forward, backward) bytes of fastvit.reference.performer_attention in bf16 (the autocast rule applied:
+    GEMM operands bf16, features fp32), each aten op reading its tensor inputs and writing its outputs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastvit import reference
+
+    class Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.is_view and func not in (torch.ops.aten.detach.default, torch.ops.aten._unsafe_view.default):
+                flat = torch.utils._pytree.tree_leaves((args, kwargs, out))
+                Count.total += sum(t.numel() * t.element_size() for t in flat if isinstance(t, torch.Tensor))
+            return out
+
+    inp = {k: v.to("meta") for k, v in make_inputs(1, 1, dim, device="cpu").items()}
+    inp["x"] = torch.empty(B, T, dim, device="meta")
+    for k in ("x", "kqv_weight", "kqv_bias", "proj_weight", "proj_bias"):
+        inp[k] = inp[k].to(dtype).requires_grad_()
+    with Count():
+        out = reference.performer_attention(**inp)
+    fwd = Count.total
+    with Count():
+        torch.autograd.backward(out, torch.empty_like(out))
+    return fwd, Count.total - fwd
+
+
+def fastvit_bytes(B, T, dim, training=True) -> tuple[int, int]:
+    """(forward, backward) bytes of the fused passes (kernels/performer.py's docstring), bf16."""
+    from fastvit.kernels.performer import _save_kqv
+
+    X, O = B * T * dim * 2, B * T * EMB * 2
+    if _save_kqv(dim, EMB, training):
+        return X + 6 * O, 2 * X + 12 * O
+    return 2 * X + O, 4 * X + 9 * O
+
+
+def print_bytes() -> None:
+    for B, T, dim in SHAPES:
+        ef, eb = eager_bytes(B, T, dim)
+        ff, fb = fastvit_bytes(B, T, dim)
+        print(f"B{B} T{T} dim{dim}: forward fastvit {ff / 1e6:.0f} MB vs eager {ef / 1e6:.0f} MB ({ef / ff:.1f}x); "
+              f"backward fastvit {fb / 1e6:.0f} MB vs eager {eb / 1e6:.0f} MB ({eb / fb:.1f}x); "
+              f"floor at 3.35 TB/s: {ff / 3.35e6:.0f} + {fb / 3.35e6:.0f} us")
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU timing
+# ------------------------------------------------------------------------------------------------
+
+
+def _runner(impl, inputs, train, dropout_p):
+    import fastvit
+
+    params = [inputs[k] for k in ("kqv_weight", "kqv_bias", "proj_weight", "proj_bias")]
+    wrt = [inputs["x"], *params]
+
+    def fwd():
+        if impl == "fastvit":
+            with fastvit.use_backend({"performer": "triton"}):
+                return fastvit.ops.performer_attention(**inputs, dropout_p=dropout_p)
+        return official_single_attn(**inputs, dropout_p=dropout_p)
+
+    fn = fwd if impl != "compile" else torch.compile(fwd)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if not train:
+                with torch.no_grad():
+                    return fn()
+            out = fn()
+        return torch.autograd.grad(out, wrt, torch.ones_like(out))
+
+    return step, wrt
+
+
+def bench_one(impl, B, T, dim, train, dropout_p):
+    inputs = make_inputs(B, T, dim)
+    if train:
+        for k in ("x", "kqv_weight", "kqv_bias", "proj_weight", "proj_bias"):
+            inputs[k].requires_grad_()
+    step, _ = _runner(impl, inputs, train, dropout_p)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    t = time_ms(step)
+    return {**t, "peak_mb": peak / 2**20}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bytes", action="store_true", help="print the byte model (no GPU needed) and exit")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    args = parser.parse_args(argv)
+    if args.bytes:
+        print_bytes()
+        return 0
+    if not gpu_available(f"bench_{NAME}"):
+        return 0
+    impls = ["eager"] + ([] if args.no_compile else ["compile"]) + ["fastvit"]
+    rows = []
+    for B, T, dim in SHAPES:
+        ef, eb = eager_bytes(B, T, dim)
+        ff, fb = fastvit_bytes(B, T, dim, training=True)
+        for train, dropout_p in ((False, 0.0), (True, 0.0), (True, 0.1)):
+            res = {impl: bench_one(impl, B, T, dim, train, dropout_p) for impl in impls}
+            floor_ms = ((ff + fb) if train else fastvit_bytes(B, T, dim, training=False)[0]) / 3.35e9
+            for impl in impls:
+                r = res[impl]
+                row = {"shape": f"B{B} T{T} dim{dim}", "pass": "fwd+bwd" if train else "fwd", "dropout": dropout_p,
+                       "impl": impl, **r, "vs_eager": res["eager"]["median_ms"] / r["median_ms"],
+                       "mem_vs_eager": r["peak_mb"] / max(res["eager"]["peak_mb"], 1e-9),
+                       "floor_ms": floor_ms, "pct_of_floor": 100 * floor_ms / r["median_ms"],
+                       "eager_bytes_model_mb": (ef + (eb if train else 0)) / 1e6}
+                if "compile" in res:
+                    row["vs_compile"] = res["compile"]["median_ms"] / r["median_ms"]
+                rows.append(row)
+                print(f"{row['shape']} {row['pass']:8s} p={dropout_p} {impl:8s} {r['median_ms']:8.3f} ms "
+                      f"(p20 {r['p20_ms']:.3f}, p80 {r['p80_ms']:.3f}) {row['vs_eager']:5.2f}x eager "
+                      f"peak {r['peak_mb']:8.1f} MiB ({row['mem_vs_eager']:.2f}x eager) floor {floor_ms:.3f} ms")
+    cols = ["shape", "pass", "dropout", "impl", "median_ms", "p20_ms", "p80_ms", "vs_eager", "vs_compile", "peak_mb",
+            "mem_vs_eager", "floor_ms", "pct_of_floor"]
+    print(save(NAME, rows, cols))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
