@@ -116,7 +116,8 @@ class FusedOp:
             isinstance(a, torch.Tensor) and a.requires_grad for a in args
         )
         if needs_grad:
-            out = get_op(self.fn, self.backend, "fwd")(*args)[: self.num_outputs]
+            out = get_op(self.fn, self.backend, "fwd")(*args)
+            out = (out if isinstance(out, tuple) else (out,))[: self.num_outputs]
         else:
             out = get_op(self.fn, self.backend, "infer")(*args)
             out = out if isinstance(out, tuple) else (out,)

@@ -29,26 +29,56 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def patch_embed(x, weight, bias, patch_size, pos_embed=None, cls_token=None):
-    """Non-overlapping patch embedding. x: (B, C, H, W), weight: (D, C, p, p) -> (B, L (+1), D).
+def patch_embed(
+    x, weight, bias, patch_size, pos_embed=None, cls_token=None, *, patch_order="chw",
+    pre_norm=False, pre_norm_weight=None, pre_norm_bias=None,
+    post_norm=False, post_norm_weight=None, post_norm_bias=None, norm_eps=1e-5,
+):
+    """Non-overlapping patch embedding. x: (B, C, H, W) -> (B, L (+1), D), L = (H / p) * (W / p).
 
-    ``conv2d(x, weight, bias, stride=p)`` flattened to tokens, the cls token (``(D,)``, ``(1, D)`` or
-    ``(1, 1, D)``, expanded over the batch) put in front, then ``+ pos_embed`` (``(L', D)`` or
-    ``(1, L', D)``, L' = tokens including the cls token).
+    Default: ``conv2d(x, weight, bias, stride=p)`` with a conv-layout weight (D, C, p, p), flattened to
+    tokens in row-major patch order. ``patch_order="hwc"``: vit-pytorch's patches
+    ``rearrange(x, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)")`` times a linear weight (D, p*p*C).
+    ``pre_norm``: LayerNorm over each patch's features (weight, bias: (C*p*p,) in the patch order,
+    or None) before the projection; ``post_norm``: LayerNorm over D after it (``norm_eps`` for both;
+    fp32 statistics). Then the cls token (``(D,)``, ``(1, D)`` or ``(1, 1, D)``, expanded over the
+    batch) put in front, then ``+ pos_embed`` (``(L', D)`` or ``(1, L', D)``, L' = tokens including the
+    cls token). Under autocast the GEMM operands take the autocast dtype, except that a pre-norm takes
+    x as given (LayerNorm rule); the result is in the GEMM dtype.
     """
     dt = autocast_dtype(x)
     if dt is not None:
-        x, weight, bias, pos_embed, cls_token = cast(dt, x, weight, bias, pos_embed, cls_token)
+        weight, bias, pos_embed, cls_token = cast(dt, weight, bias, pos_embed, cls_token)
+        if not pre_norm:
+            x = x.to(dt)
     with autocast_off(x):
         p = _pair(patch_size)
-        b = None if bias is None else bias.to(x.dtype)
-        y = F.conv2d(x, weight, b, stride=p).flatten(2).transpose(1, 2)  # (B, L, D)
+        b = None if bias is None else bias.to(weight.dtype)
+        if patch_order == "chw" and not pre_norm:
+            y = F.conv2d(x, weight, b, stride=p).flatten(2).transpose(1, 2)  # (B, L, D)
+        else:
+            patches = extract_patches(x, p, patch_order)  # (B, L, K)
+            if pre_norm:
+                patches = layer_norm(patches, pre_norm_weight, pre_norm_bias, norm_eps)
+            y = F.linear(patches.to(weight.dtype), weight.reshape(weight.shape[0], -1), b)
+        if post_norm:
+            y = layer_norm(y, post_norm_weight, post_norm_bias, norm_eps)
         if cls_token is not None:
             cls = cls_token.to(y.dtype).reshape(1, 1, -1).expand(y.shape[0], 1, -1)
             y = torch.cat([cls, y], dim=1)
         if pos_embed is not None:
             y = y + pos_embed.to(y.dtype).reshape(1, y.shape[1], -1)
         return y
+
+
+def extract_patches(x, patch_size, patch_order="chw"):
+    """(B, C, H, W) -> (B, L, C*ph*pw): the non-overlapping patches in row-major order, each one's
+    features ordered (c, i, j) (``"chw"``, conv layout) or (i, j, c) (``"hwc"``, vit-pytorch's (p1 p2 c))."""
+    ph, pw = _pair(patch_size)
+    B, C, H, W = x.shape
+    t = x.reshape(B, C, H // ph, ph, W // pw, pw)
+    t = t.permute(0, 2, 4, 1, 3, 5) if patch_order == "chw" else t.permute(0, 2, 4, 3, 5, 1)
+    return t.reshape(B, (H // ph) * (W // pw), C * ph * pw)
 
 
 def soft_split(x, kernel_size, stride, padding):
@@ -175,3 +205,13 @@ def layernorm_mlp(
         if residual is not None:
             y = residual + y.to(residual.dtype)
         return y
+
+
+def soft_split_layer_norm(x, kernel_size, stride, padding, weight=None, bias=None, eps=1e-5):
+    """T2T-ViT's soft split followed by the LayerNorm over each token's C*k*k features (the next
+    Token_performer's ``norm1``). x: (B, C, H, W) -> (B, L, C * k * k).
+
+    ``layer_norm(soft_split(x, ...), weight, bias, eps)``: fp32 statistics, the output in x's dtype, or
+    the autocast dtype under autocast.
+    """
+    return layer_norm(soft_split(x, kernel_size, stride, padding), weight, bias, eps)

@@ -3,12 +3,17 @@
 import os
 import zlib
 
-import torch
+# CPU test tensors are tiny: one BLAS thread (the interpreter's tl.dot is a numpy matmul) avoids
+# threads spin-waiting for cores, which made tiny ops ~100x slower on a busy 2-core machine.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 # Triton reads TRITON_INTERPRET when a kernel is defined: set it before anything imports triton.
 HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 

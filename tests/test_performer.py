@@ -9,7 +9,7 @@ import torch
 import fastvit
 from fastvit import ops, reference
 from fastvit.backend import BackendUnavailableError
-from tests.numerics import check_against_reference, expanded_grad, noncontiguous, randn, run_without_interpreter
+from numerics import check_against_reference, expanded_grad, noncontiguous, randn, run_without_interpreter
 
 
 def loop_over_tokens(x, kqv_weight, kqv_bias, w, proj_weight, proj_bias, eps):

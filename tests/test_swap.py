@@ -23,7 +23,7 @@ from torch import nn
 import fastvit
 from fastvit import backend as fbackend
 from fastvit import swap
-from tests.numerics import assert_numerics
+from numerics import assert_numerics
 
 timm = pytest.importorskip("timm")
 from timm.layers import DropPath  # noqa: E402
