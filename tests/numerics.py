@@ -53,9 +53,9 @@ def noncontiguous(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def expanded_grad(shape, dtype) -> torch.Tensor:
+def expanded_grad(shape, dtype, device="cpu") -> torch.Tensor:
     """A stride-0 upstream gradient, as ``out.sum().backward()`` delivers it."""
-    return torch.randn((), dtype=dtype).expand(shape)
+    return torch.randn((), dtype=dtype, device=device).expand(shape)
 
 
 def check_against_reference(
@@ -88,7 +88,7 @@ def check_against_reference(
         args = prepare(to64)
         y = fn(**args)
         if grad_out is None:
-            grad_out = torch.randn(y.shape, dtype=y.dtype)
+            grad_out = torch.randn(y.shape, dtype=y.dtype, device=y.device)
         g = grad_out.double() if to64 else grad_out.to(y.dtype)
         wrt = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad]
         grads = torch.autograd.grad(y, [args[k] for k in wrt], g, allow_unused=True) if wrt else ()

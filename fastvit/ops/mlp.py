@@ -6,10 +6,65 @@ import torch
 
 from fastvit import backend, reference
 from fastvit._autocast import autocast_dtype, autocast_off, cast
+from fastvit.kernels._common import device_ok, dtype_ok
 from fastvit.ops import _checks as check
 
 backend.register("layer_norm", "eager", reference.layer_norm)
 backend.register("layernorm_mlp", "eager", reference.layernorm_mlp)
+
+# Triton backend (kernels/mlp.py, imported on first call so that `import fastvit` needs no triton).
+_TRITON_MAX_C = 8192  # the LayerNorm kernels keep a row in registers
+
+
+def _triton_reason(tensors: dict, C: int, widths: tuple[int, ...]) -> str | None:
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        reason = device_ok(t) or dtype_ok(t)
+        if reason is not None:
+            return f"{name}: {reason}"
+    if C < 1 or C > _TRITON_MAX_C:
+        return f"the Triton LayerNorm takes 1 <= C <= {_TRITON_MAX_C} features, got C = {C}"
+    if min(widths) < 1:
+        return f"the Triton MLP needs non-empty layers, got widths {widths}"
+    return None
+
+
+def _triton_layer_norm_why_not(x, weight, bias, eps):
+    return _triton_reason({"x": x, "weight": weight, "bias": bias}, x.shape[-1], (x.shape[-1],))
+
+
+def _triton_layer_norm(x, weight, bias, eps):
+    from fastvit.kernels import mlp as kernels
+
+    # The front leaves autocast on for LayerNorm: read its dtype here, outside the op body.
+    return kernels.layer_norm(x, weight, bias, eps, autocast_dtype(x) or x.dtype)
+
+
+def _triton_layernorm_mlp_why_not(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, dropout_p):
+    tensors = {
+        "x": x, "ln_weight": ln_weight, "ln_bias": ln_bias, "fc1_weight": fc1_weight, "fc1_bias": fc1_bias,
+        "fc2_weight": fc2_weight, "fc2_bias": fc2_bias, "residual": residual,
+    }
+    C, hidden, C_out = x.shape[-1], fc1_weight.shape[0], fc2_weight.shape[0]
+    return _triton_reason(tensors, C, (C, hidden, C_out))
+
+
+def _triton_layernorm_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, dropout_p):
+    """Triton LayerNorm-MLP. Dropout is not fused: with dropout_p > 0 this calls the eager reference
+    (same meaning, torch's RNG, reproducible under torch.manual_seed); dropout_p == 0 (eval, or no
+    dropout) always runs the fused kernels."""
+    if dropout_p > 0:
+        return reference.layernorm_mlp(
+            x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, dropout_p
+        )
+    from fastvit.kernels import mlp as kernels
+
+    return kernels.layernorm_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual)
+
+
+backend.register("layer_norm", "triton", _triton_layer_norm, _triton_layer_norm_why_not)
+backend.register("layernorm_mlp", "triton", _triton_layernorm_mlp, _triton_layernorm_mlp_why_not)
 
 
 def _check_norm_params(x: torch.Tensor, weight, bias, eps, wname: str, bname: str) -> float:
@@ -52,7 +107,8 @@ def layernorm_mlp(
 
     fc1_weight: (hidden, C), fc2_weight: (C_out, hidden), exact (erf) GELU, LayerNorm with fp32
     statistics. The result is in the GEMM dtype (the autocast dtype, else x's), or in residual's
-    dtype when ``residual`` (shape (..., C_out)) is given. ``dropout_p`` applies whenever > 0.
+    dtype when ``residual`` (shape (..., C_out)) is given. ``dropout_p`` applies whenever > 0 (dropout is
+    not fused: there the Triton backend runs the eager reference, with torch's RNG).
     """
     check.tensor("x", x, None, "a tensor (..., C) with at least one dim")
     eps = _check_norm_params(x, ln_weight, ln_bias, eps, "ln_weight", "ln_bias")
