@@ -70,11 +70,13 @@ def wire_autograd(
     backend: str,
     num_outputs: int,
     backward: Callable[[SavedContext, tuple], Sequence[torch.Tensor | None]],
+    save_outputs: bool = False,
 ) -> None:
     """Register autograd on ``fastvit::<fn>_<backend>_fwd``.
 
     The ``_fwd`` op's first ``num_outputs`` outputs are the public ones; the rest are saved for the
-    backward. ``backward(saved, grads)`` gets the gradients of the public outputs (never None) and
+    backward. The public outputs are saved too only with ``save_outputs=True`` (attention needs O);
+    otherwise ``saved.outputs`` holds None in their place, and callers may modify them in place. ``backward(saved, grads)`` gets the gradients of the public outputs (never None) and
     returns one gradient (or None) per ``_fwd`` input, normally by calling the ``_bwd`` op.
     Double backward is not supported and raises.
     """
@@ -82,6 +84,8 @@ def wire_autograd(
 
     def setup_context(ctx, inputs, output):
         outputs = output if isinstance(output, tuple) else (output,)
+        if not save_outputs:
+            outputs = (None,) * num_outputs + tuple(outputs[num_outputs:])
         tensor_pos = [i for i, a in enumerate(inputs) if isinstance(a, torch.Tensor)]
         ctx.save_for_backward(*(inputs[i] for i in tensor_pos), *outputs)
         non_tensors = tuple(None if isinstance(a, torch.Tensor) else a for a in inputs)

@@ -538,8 +538,6 @@ class _Ctx:
     def __init__(self, env: _Env, pin, flags: dict[str, bool]):
         self.env, self.pin, self.flags = env, pin, flags
         self.soft_splits: set[int] = set()  # ids of nn.Unfold modules found in a T2T context
-        # ids of modules whose output the caller changes in place (SimpleViT: x += pos_embedding)
-        self.inplace_consumed: set[int] = set()
 
 
 def _is_ln(m, env) -> bool:
@@ -859,10 +857,7 @@ class _TimmBlock(_Swapped):
             p = _dropout_p(mlp.drop1)
             if isinstance(self.ls2, nn.Identity) and _drop_path_inactive(self.drop_path2, self.training):
                 return ops.layernorm_mlp(x, *args, residual=x, dropout_p=p)
-            y = ops.layernorm_mlp(x, *args, dropout_p=p)
-            if getattr(self.ls2, "inplace", False) and torch.is_grad_enabled():
-                y = y.clone()  # LayerScale(inplace=True) multiplies in place; fused ops keep their output for backward
-            return x + self.drop_path2(self.ls2(y))
+            return x + self.drop_path2(self.ls2(ops.layernorm_mlp(x, *args, dropout_p=p)))
 
 
 _FORMATS = ("NCHW", "NHWC", "NCL", "NLC")
@@ -1173,7 +1168,7 @@ class _VitpPatchEmbedding(_Swapped):
 
     @classmethod
     def _fv_configure(cls, m, ctx):
-        return {"layout": _patch_embedding_layout(m, ctx.env), "clone_out": id(m) in ctx.inplace_consumed}
+        return {"layout": _patch_embedding_layout(m, ctx.env)}
 
     def _fv_parts(self):
         return tuple(self._modules.values())
@@ -1202,8 +1197,6 @@ class _VitpPatchEmbedding(_Swapped):
             )
             if post is not None and not fuse_post:
                 y = _ln_torch_dtype(y, post.weight, post.bias, post.eps)
-        if self._fastvit_clone_out and torch.is_grad_enabled():
-            y = y.clone()  # SimpleViT adds pos in place; fused ops keep their output for backward
         return y
 
 
@@ -1441,8 +1434,7 @@ class _TokenPerformer(_Swapped):
             args = (n.weight, n.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, n.eps)
             if self.training and drop.p > 0:
                 # the official MLP drops only its output; the op would also drop the hidden layer
-                y = ops.layernorm_mlp(x, *args)
-                return x + drop(y.clone() if drop.inplace else y)
+                return x + drop(ops.layernorm_mlp(x, *args))
             return ops.layernorm_mlp(x, *args, residual=x)
 
 
@@ -1545,8 +1537,6 @@ def optimize(
                     ctx.soft_splits.add(id(s))
         elif type(m) is nn.Sequential:
             ctx.soft_splits.update(id(s) for s in _is_vitp_soft_split(m, ctx.env))
-        elif type(m) in ctx.env.vitp_simple_vit and isinstance(getattr(m, "to_patch_embedding", None), nn.Module):
-            ctx.inplace_consumed.add(id(m.to_patch_embedding))
 
     consumed: set[int] = set()
     swapped: list[nn.Module] = []

@@ -48,6 +48,7 @@ def _(dy, x, w, alpha):
 def _backward(saved, grads):
     x, w, alpha = saved.inputs
     y, rowsum = saved.outputs
+    assert y is None  # public outputs are not saved unless asked (callers may modify them in place)
     saved_seen.append(rowsum)
     dx, dw = get_op("scale_rows", "test", "bwd")(grads[0], x, w, alpha)
     return dx, dw, None
@@ -120,3 +121,12 @@ def test_new_output_is_poisoned_in_tests():
     assert torch.isnan(new_output((3, 2), dtype=torch.float32, device=torch.device("cpu"))).all()
     _library.poison_outputs(False)
     assert new_output((3, 2), dtype=torch.float32, device=torch.device("cpu")).shape == (3, 2)
+
+
+def test_outputs_may_be_modified_in_place():
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    y = scale_rows(x, w, 2.0)
+    y += 1.0  # e.g. SimpleViT's `x += pos_embedding` on a fused patch embedding
+    (dx,) = torch.autograd.grad(y.sum(), (x,))
+    torch.testing.assert_close(dx, (2.0 * w).expand(4, 3))
