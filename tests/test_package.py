@@ -28,7 +28,7 @@ def test_kernels_and_csrc_are_subpackages_of_fastvit():
     assert csrc.is_dir() and (csrc / "__init__.py").is_file()
 
 
-@pytest.mark.parametrize("section", ["Quickstart", "Models"])
+@pytest.mark.parametrize("section", ["Quickstart", "Speed up an existing model", "Models"])
 def test_readme_examples_run(section):
     readme = (ROOT / "README.md").read_text()
     text = readme.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
