@@ -9,10 +9,42 @@ import torch
 
 from fastvit import backend, reference
 from fastvit._autocast import autocast_dtype, autocast_off, cast
+from fastvit.kernels._common import device_ok, dtype_ok
 from fastvit.ops import _checks as check
 
 backend.register("attention", "eager", reference.attention)
 backend.register("attention_qkvpacked", "eager", reference.attention_qkvpacked)
+
+HEAD_DIMS = (32, 64, 80, 96, 128)  # the Triton kernel's head dims (80, 96: BLOCK_D 128 with the tail masked)
+
+
+def _triton_why_not(x: torch.Tensor, D: int) -> str | None:
+    """Why the Triton kernel cannot serve inputs of x's device and dtype with head dim D (None: it can)."""
+    reason = device_ok(x) or dtype_ok(x)
+    if reason is None and D not in HEAD_DIMS:
+        reason = f"head dim {D} is not one the Triton attention kernel takes {HEAD_DIMS}"
+    return reason
+
+
+def _triton_attention(q, k, v, mask, scale, dropout_p):
+    from fastvit.kernels import attention as kernels
+
+    return kernels.attention(q, k, v, mask, scale, dropout_p)
+
+
+def _triton_attention_qkvpacked(qkv, num_heads, mask, scale, dropout_p):
+    from fastvit.kernels import attention as kernels
+
+    return kernels.attention_qkvpacked(qkv, num_heads, mask, scale, dropout_p)
+
+
+backend.register(
+    "attention", "triton", _triton_attention, lambda q, k, v, mask, scale, dropout_p: _triton_why_not(q, q.shape[-1])
+)
+backend.register(
+    "attention_qkvpacked", "triton", _triton_attention_qkvpacked,
+    lambda qkv, num_heads, mask, scale, dropout_p: _triton_why_not(qkv, qkv.shape[-1] // (3 * num_heads)),
+)
 
 
 def _check_mask_scale_dropout(mask, scale, dropout_p, target: tuple[int, int, int, int]) -> float:
@@ -50,6 +82,11 @@ def attention(
     an additive float mask (not differentiable). A query row with nothing to attend gives output 0
     and gradient 0. ``dropout_p`` drops attention probabilities whenever it is > 0: pass 0 in eval.
     q, k, v may be strided views (e.g. of a packed qkv projection).
+
+    Backends: "triton" (fastvit.kernels.attention: flash attention, forward and backward, head dims
+    32, 64, 80, 96, 128, float16/bfloat16/float32) does not fuse dropout: with ``dropout_p > 0`` it
+    runs the eager reference (torch's RNG), so it stays usable in training. Other head dims and
+    float64 run eager under "auto" and raise under an explicit "triton".
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check.tensor(name, t, 4, "a 4-D tensor (B, H, N, D)")
@@ -78,7 +115,9 @@ def attention_qkvpacked(
 
     The last dim is laid out (3, H, D) as timm's and vit-pytorch's ``qkv`` Linear writes it; the
     result is ready for the output projection. Means :func:`attention` on the (B, H, N, D) views
-    with the heads merged back; ``mask``, ``scale`` and ``dropout_p`` as there.
+    with the heads merged back; ``mask``, ``scale`` and ``dropout_p`` as there. The "triton" backend
+    reads q, k, v in place from ``qkv`` and writes the result, and the backward's dqkv, packed (no
+    permute copies); dropout and unsupported inputs as in :func:`attention`.
     """
     check.tensor("qkv", qkv, 3, "a 3-D packed projection (B, N, 3 * heads * head_dim)")
     if isinstance(num_heads, bool) or not isinstance(num_heads, numbers.Integral) or num_heads < 1:
