@@ -31,3 +31,15 @@ def dtype_ok(t: torch.Tensor) -> str | None:
     if t.dtype in (torch.float16, torch.bfloat16, torch.float32):
         return None
     return f"Triton kernels take float16, bfloat16 or float32, got {t.dtype}"
+
+
+def wrap_triton(kernel):
+    """``torch.library.wrap_triton(kernel)``, or the kernel itself under the interpreter.
+
+    Inside a ``triton_op`` every launch goes through wrap_triton so torch.compile can trace it; under
+    the interpreter ``triton.jit`` returns an interpreted function that older torch (2.11) refuses
+    to wrap, and a direct call runs the same code.
+    """
+    if interpreting():
+        return kernel
+    return torch.library.wrap_triton(kernel)

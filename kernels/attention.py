@@ -49,7 +49,7 @@ import triton.language as tl
 
 from fastvit import reference
 from fastvit._library import FusedOp, get_op, new_output, op_name, wire_autograd
-from fastvit.kernels._common import input_precision, interpreting
+from fastvit.kernels._common import input_precision, interpreting, wrap_triton
 
 LOG2E = 1.4426950408889634
 
@@ -378,7 +378,7 @@ def _forward(q, k, v, o, o_strides, lse, mask, scale):
     mptr, ms, mask_flags = _mask_args(mask, B, H, Nq, Nk, q)
     kernel, meta = _launch("fwd", Nq, Nk, q.dtype)
     grid = lambda META: (triton.cdiv(Nq, META["BLOCK_M"]), H, B)  # noqa: E731
-    torch.library.wrap_triton(kernel)[grid](
+    wrap_triton(kernel)[grid](
         q, k, v, o, lse, mptr,
         *q.stride(), *k.stride(), *v.stride(), *o_strides, *ms,
         H, Nq, Nk, D, scale * LOG2E,
@@ -402,14 +402,14 @@ def _backward(do, q, k, v, o, o_strides, lse, mask, scale, grads):
         delta = new_output((B, H, Nq), dtype=torch.float32, device=q.device)
         kernel, meta = _launch("dq", Nq, Nk, q.dtype)
         grid = lambda META: (triton.cdiv(Nq, META["BLOCK_M"]), H, B)  # noqa: E731
-        torch.library.wrap_triton(kernel)[grid](
+        wrap_triton(kernel)[grid](
             q, k, v, o, do, lse, delta, dq, mptr,
             *q.stride(), *k.stride(), *v.stride(), *o_strides, *do.stride(), *dq_strides, *ms,
             H, Nq, Nk, D, scale * LOG2E, scale, **common, **meta,
         )
     kernel, meta = _launch("dkdv_fused" if fused else "dkdv", Nq, Nk, q.dtype)
     grid = lambda META: (triton.cdiv(Nk, META["BLOCK_N"]), H, B)  # noqa: E731
-    torch.library.wrap_triton(kernel)[grid](
+    wrap_triton(kernel)[grid](
         q, k, v, do, lse, delta, dq, dk, dv, mptr,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq_strides,
         *dk_strides, *dv_strides, *ms,

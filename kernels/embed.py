@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from fastvit._library import FusedOp, get_op, new_output, op_name, wire_autograd
-from fastvit.kernels._common import input_precision, interpreting
+from fastvit.kernels._common import input_precision, interpreting, wrap_triton
 
 # ----------------------------------------------------------------------------------------------
 # Index helpers
@@ -681,9 +681,9 @@ def _launch(name: str, kernel, grid, args: tuple, consts: dict, dims: dict) -> N
     ``grid`` maps the tile sizes (a dict) to the launch grid; ``dims`` the tile names to the problem's."""
     if interpreting():
         tiles = _interp_tiles(name, **dims)
-        torch.library.wrap_triton(kernel)[grid(tiles)](*args, **consts, **tiles)
+        wrap_triton(kernel)[grid(tiles)](*args, **consts, **tiles)
     else:
-        torch.library.wrap_triton(_tuned(name))[grid](*args, **consts)
+        wrap_triton(_tuned(name))[grid](*args, **consts)
 
 
 @functools.cache
@@ -828,7 +828,7 @@ def patch_embed_backward(dy, x, weight, bias, pos_embed, cls_token, pre_w, pre_b
             dpos = new_output(pos_embed.shape, dtype=pos_embed.dtype, device=dev)
         if need_cls:
             dcls = new_output(cls_token.shape, dtype=cls_token.dtype, device=dev)
-        torch.library.wrap_triton(_patch_dy_colsum)[(triton.cdiv(LT, t["BT"]), triton.cdiv(D, t["BD"]))](
+        wrap_triton(_patch_dy_colsum)[(triton.cdiv(LT, t["BT"]), triton.cdiv(D, t["BD"]))](
             dy, dsum, dpos if need_pos else None, dcls if need_cls else None, B, LT, D, *dy.stride(),
             NEED_POS=need_pos, NEED_CLS=need_cls, BT=t["BT"], BB=t["BB"], BD=t["BD"], num_warps=8,
         )
@@ -841,7 +841,7 @@ def patch_embed_backward(dy, x, weight, bias, pos_embed, cls_token, pre_w, pre_b
         nprog = _rows_programs(M, bt, dev)
         dz = new_output((M, D), dtype=weight.dtype, device=dev)
         part = new_output((nprog, 3, D), dtype=f32, device=dev)
-        torch.library.wrap_triton(_patch_post_ln_bwd)[(nprog,)](
+        wrap_triton(_patch_post_ln_bwd)[(nprog,)](
             dy, z, mu2, r2, None if post_w is None else post_w.contiguous(), dz, part, M, L, D, *dy.stride(), nprog,
             HAS_CLS=has_cls, POST_W=post_w is not None, BT=bt, BD=bd, num_warps=8 if bd >= 2048 else 4,
         )
@@ -878,7 +878,7 @@ def patch_embed_backward(dy, x, weight, bias, pos_embed, cls_token, pre_w, pre_b
         t = _interp_tiles("finish", BD=D, BK=K) if interpreting() else {"BD": 64, "BK": 64}
         grid = (triton.cdiv(K, t["BK"]), triton.cdiv(D, t["BD"]))
         col = new_output((grid[1], 2, K), dtype=f32, device=dev) if (need_pre_w or need_pre_b) else None
-        torch.library.wrap_triton(_patch_dw_finish)[grid](
+        wrap_triton(_patch_dw_finish)[grid](
             part, weight, dbz if pre_b_used else None,
             pre_w.contiguous() if pre_norm and pre_w is not None else None,
             pre_b.contiguous() if pre_b_used else None, dw if need_w else None, col,
@@ -908,7 +908,7 @@ def patch_embed_backward(dy, x, weight, bias, pos_embed, cls_token, pre_w, pre_b
         )
         if pre_norm:
             bt, bk = _row_tile(K)
-            torch.library.wrap_triton(_patch_pre_ln_dx)[(triton.cdiv(M, bt),)](
+            wrap_triton(_patch_pre_ln_dx)[(triton.cdiv(M, bt),)](
                 scratch, x, mu1, r1, dx, M, L, WP, C, K, *x.stride(), *dx.stride(),
                 PH=ph, PW=pw, HWC=hwc, BT=bt, BK=bk, num_warps=8 if bk >= 2048 else 4,
             )
@@ -944,7 +944,7 @@ def soft_split_forward(x, weight, bias, kh, kw, sh, sw, ph, pw, eps, out_dtype, 
     else:
         bt, bf = 32, min(128, max(16, triton.next_power_of_2(F)))
     grid = (triton.cdiv(M, bt) * triton.cdiv(F, bf),)
-    torch.library.wrap_triton(_soft_split_fwd)[grid](
+    wrap_triton(_soft_split_fwd)[grid](
         x, out, None if weight is None else weight.contiguous(), None if bias is None else bias.contiguous(),
         mean, rstd, M, L, OW, H, W, F, *x.stride(), eps,
         KH=kh, KW=kw, SH=sh, SW=sw, PADH=ph, PADW=pw, NORM=norm, LN_W=weight is not None, LN_B=bias is not None,
@@ -968,7 +968,7 @@ def soft_split_backward(dy, x, weight, bias, mean, rstd, kh, kw, sh, sw, ph, pw,
         if need_x:
             c1 = new_output((M,), dtype=torch.float32, device=dev)
             c2 = new_output((M,), dtype=torch.float32, device=dev)
-        torch.library.wrap_triton(_soft_split_ln_bwd_rows)[(nprog,)](
+        wrap_triton(_soft_split_ln_bwd_rows)[(nprog,)](
             dy, x, None if weight is None else weight.contiguous(), mean, rstd, c1, c2, part,
             M, L, OW, H, W, F, *x.stride(), *dy.stride(), nprog,
             KH=kh, KW=kw, SH=sh, SW=sw, PADH=ph, PADW=pw, LN_W=weight is not None, NEED_DX=need_x, NEED_P=need_p,
@@ -988,7 +988,7 @@ def soft_split_backward(dy, x, weight, bias, mean, rstd, kh, kw, sh, sw, ph, pw,
         else:
             bc, bp = min(16, triton.next_power_of_2(C)), 128
         grid = (B * triton.cdiv(C, bc) * triton.cdiv(H * W, bp),)
-        torch.library.wrap_triton(_soft_split_fold)[grid](
+        wrap_triton(_soft_split_fold)[grid](
             dy, x, dx, None if weight is None else weight.contiguous(), mean, rstd, c1, c2,
             C, H, W, L, OH, OW, *dy.stride(), *x.stride(), *dx.stride(),
             KH=kh, KW=kw, SH=sh, SW=sw, PADH=ph, PADW=pw, NORM=norm, LN_W=norm and weight is not None,

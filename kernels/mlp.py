@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from fastvit._library import FusedOp, get_op, new_output, op_name, wire_autograd
-from fastvit.kernels._common import input_precision, interpreting
+from fastvit.kernels._common import input_precision, interpreting, wrap_triton
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
@@ -338,7 +338,7 @@ def _mm(
         if psum_out is not None or psum_a is not None:
             bm = _psum_block_m(M)
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), split)
-        torch.library.wrap_triton(_mm_kernel)[grid](
+        wrap_triton(_mm_kernel)[grid](
             *args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EPILOGUE_SUBTILE=epilogue != 0 and bn >= 32
         )
     else:
@@ -348,7 +348,7 @@ def _mm(
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
 
         kernel = _mm_autotuned(fixed, b.dtype == torch.float32)
-        torch.library.wrap_triton(kernel)[grid](*args, **flags, EPILOGUE_SUBTILE=epilogue != 0)
+        wrap_triton(kernel)[grid](*args, **flags, EPILOGUE_SUBTILE=epilogue != 0)
 
 
 def _psum_block_m(M: int) -> int:
@@ -395,7 +395,7 @@ def _ln_forward(x2, weight, bias, eps, y2, mean, rstd):
         return
     bm, bc, warps = _ln_blocks(M, C, x2, backward=False)
     store_stats = mean is not None
-    torch.library.wrap_triton(_ln_fwd_kernel)[(triton.cdiv(M, bm),)](
+    wrap_triton(_ln_fwd_kernel)[(triton.cdiv(M, bm),)](
         x2, weight if weight is not None else x2, bias if bias is not None else x2, y2,
         mean if store_stats else y2, rstd if store_stats else y2,
         M, C, x2.stride(0), x2.stride(1), y2.stride(0), eps,
@@ -416,7 +416,7 @@ def _ln_backward(dy2, x2, weight, mean, rstd, dx2):
     P = max(1, min(P, blocks))
     dw_part = torch.empty((P, C), dtype=torch.float32, device=x2.device)  # every row written
     db_part = torch.empty((P, C), dtype=torch.float32, device=x2.device)
-    torch.library.wrap_triton(_ln_bwd_kernel)[(P,)](
+    wrap_triton(_ln_bwd_kernel)[(P,)](
         x2, weight if weight is not None else x2, dy2, mean, rstd, dx2, dw_part, db_part,
         M, C, x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1), dx2.stride(0),
         HAS_W=weight is not None, BLOCK_M=bm, BLOCK_C=bc, num_warps=warps,

@@ -108,10 +108,10 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from fastvit._library import FusedOp, get_op, new_output, op_name, wire_autograd
-from fastvit.kernels._common import input_precision, interpreting
+from fastvit.kernels._common import input_precision, interpreting, wrap_triton
 
 FN = "performer_attention"  # emb, m <= 128 and the other limits: fastvit.ops.performer._triton_why_not
 
