@@ -599,3 +599,21 @@ def test_trains_with_dropout(which):
 def test_public_names():
     assert fastvit.create_model is create_model
     assert {"ViT", "SimpleViT", "T2TViT", "VisionTransformer", "create_model"} <= set(fastvit.__all__)
+
+
+@pytest.mark.parametrize("cls", ["ViT", "SimpleViT"])
+def test_vit_pytorch_patch_embedding_runs_as_one_fused_op(cls):
+    """vit-pytorch's patches -> LayerNorm -> Linear -> LayerNorm (+ cls, + pos) is one patch_embed call."""
+    import copy
+
+    import fastvit
+    from numerics import assert_numerics
+
+    model = getattr(fastvit, cls)(image_size=32, patch_size=8, num_classes=5, dim=64, depth=1, heads=2,
+                                  mlp_dim=96, dim_head=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    ref64 = copy.deepcopy(model).double()(x.double())
+    eager = model(x)
+    with fastvit.use_backend({"embed": "triton"}):
+        fused = model(x)
+    assert_numerics(f"{cls} logits", fused, ref64, eager, torch.float32)

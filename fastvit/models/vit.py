@@ -107,13 +107,42 @@ class Transformer(nn.Module):
         return self.norm(x)
 
 
+class PatchEmbedding(nn.Sequential):
+    """vit-pytorch's ``to_patch_embedding`` (patches, LayerNorm, Linear, LayerNorm; keys ``.1/.2/.3``) as
+    one :func:`fastvit.ops.patch_embed` call (``patch_order="hwc"`` with both norms), which also puts
+    the cls token in front and adds the position embedding. img: (B, C, H, W) -> (B, N (+1), dim).
+    """
+
+    def __init__(self, patch_size: tuple[int, int], channels: int, dim: int):
+        patch_dim = channels * patch_size[0] * patch_size[1]
+        super().__init__(ToPatches(*patch_size), LayerNorm(patch_dim), nn.Linear(patch_dim, dim), LayerNorm(dim))
+        self.patch_size = patch_size
+
+    def num_patches(self, img: torch.Tensor) -> int:
+        if img.dim() != 4:
+            raise ValueError(f"img must be an image batch (B, C, H, W), got shape {tuple(img.shape)}")
+        (H, W), (p1, p2) = img.shape[-2:], self.patch_size
+        if H % p1 or W % p2:
+            raise ValueError(f"img's size {(H, W)} must be a multiple of patch_size {self.patch_size}")
+        return (H // p1) * (W // p2)
+
+    def forward(self, img, pos_embed=None, cls_token=None):
+        self.num_patches(img)
+        _, pre, proj, post = self
+        x = ops.patch_embed(
+            img, proj.weight, proj.bias, self.patch_size, pos_embed, cls_token, patch_order="hwc",
+            pre_norm=True, pre_norm_weight=pre.weight, pre_norm_bias=pre.bias,
+            post_norm=True, post_norm_weight=post.weight, post_norm_bias=post.bias, norm_eps=pre.eps,
+        )
+        # vit-pytorch's LayerNorm and fp32 table keep the tokens fp32 under autocast: so do we.
+        return x.to(torch.promote_types(x.dtype, img.dtype))
+
+
 def _patch_embedding(image_size, patch_size, channels: int, dim: int):
     (ih, iw), (ph, pw) = pair("image_size", image_size, minimum=1), pair("patch_size", patch_size, minimum=1)
     if ih % ph or iw % pw:
         raise ValueError(f"image_size {(ih, iw)} must be divisible by patch_size {(ph, pw)}")
-    patch_dim = channels * ph * pw
-    embed = nn.Sequential(ToPatches(ph, pw), LayerNorm(patch_dim), nn.Linear(patch_dim, dim), LayerNorm(dim))
-    return embed, (ph, pw), (ih // ph, iw // pw)
+    return PatchEmbedding((ph, pw), channels, dim), (ph, pw), (ih // ph, iw // pw)
 
 
 class ViT(nn.Module):
@@ -147,15 +176,13 @@ class ViT(nn.Module):
 
     def forward_features(self, img: torch.Tensor) -> torch.Tensor:
         """img -> tokens (B, N (+1), dim) after ``transformer.norm``."""
-        x = self.to_patch_embedding(img)
-        x = torch.cat((self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1), x), dim=1)
-        seq = x.shape[1]
+        seq = self.to_patch_embedding.num_patches(img) + self.cls_token.shape[0]
         if seq > self.pos_embedding.shape[0]:
             raise ValueError(
                 f"img has {seq} tokens but pos_embedding only {self.pos_embedding.shape[0]}: the image is larger than image_size"
             )
-        x = self.dropout(x + self.pos_embedding[:seq])
-        return self.transformer(x)
+        cls = self.cls_token if self.cls_token.shape[0] else None
+        return self.transformer(self.dropout(self.to_patch_embedding(img, self.pos_embedding[:seq], cls)))
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         x = self.forward_features(img)
@@ -187,12 +214,10 @@ class SimpleViT(nn.Module):
 
     def forward_features(self, img: torch.Tensor) -> torch.Tensor:
         """img -> tokens (B, N, dim) after ``transformer.norm``."""
-        x = self.to_patch_embedding(img)
-        if x.shape[1] != self.pos_embedding.shape[0]:
-            raise ValueError(
-                f"img has {x.shape[1]} patches but the model was built for {self.pos_embedding.shape[0]} (image_size)"
-            )
-        return self.transformer(x + self.pos_embedding.to(x.dtype))
+        n = self.to_patch_embedding.num_patches(img)
+        if n != self.pos_embedding.shape[0]:
+            raise ValueError(f"img has {n} patches but the model was built for {self.pos_embedding.shape[0]} (image_size)")
+        return self.transformer(self.to_patch_embedding(img, self.pos_embedding))
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         return self.linear_head(self.to_latent(self.forward_features(img).mean(dim=1)))
