@@ -1,6 +1,5 @@
 """fastvit.nn modules against timm's and T2T-ViT's own modules, loaded with the same state_dict."""
 
-import math
 
 import pytest
 import torch
@@ -9,55 +8,10 @@ from torch import nn
 
 import fastvit
 import fastvit.nn as fnn
+from official_t2t import Token_performer
 
 timm_vit = pytest.importorskip("timm.models.vision_transformer")
 timm_layers = pytest.importorskip("timm.layers")
-
-
-def _up(t):
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-class OfficialTokenPerformer(nn.Module):
-    """T2T-ViT's Token_performer (models/token_performer.py of the official repository).
-
-    Unchanged but for ``.float()`` -> ``_up()``, so that it also runs in float64 (the official casts
-    would downcast float64 to float32).
-    """
-
-    def __init__(self, dim, in_dim, head_cnt=1, kernel_ratio=0.5, dp1=0.1, dp2=0.1):
-        super().__init__()
-        self.emb = in_dim * head_cnt
-        self.kqv = nn.Linear(dim, 3 * self.emb)
-        self.dp = nn.Dropout(dp1)
-        self.proj = nn.Linear(self.emb, self.emb)
-        self.head_cnt = head_cnt
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(self.emb)
-        self.epsilon = 1e-8
-        self.mlp = nn.Sequential(nn.Linear(self.emb, 1 * self.emb), nn.GELU(), nn.Linear(1 * self.emb, self.emb), nn.Dropout(dp2))
-        self.m = int(self.emb * kernel_ratio)
-        self.w = torch.randn(self.m, self.emb)
-        self.w = nn.Parameter(nn.init.orthogonal_(self.w) * math.sqrt(self.m), requires_grad=False)
-
-    def prm_exp(self, x):
-        xd = ((x * x).sum(dim=-1, keepdim=True)).repeat(1, 1, self.m) / 2
-        wtx = torch.einsum("bti,mi->btm", _up(x), self.w)
-        return torch.exp(wtx - xd) / math.sqrt(self.m)
-
-    def single_attn(self, x):
-        k, q, v = torch.split(self.kqv(x), self.emb, dim=-1)
-        kp, qp = self.prm_exp(k), self.prm_exp(q)
-        D = torch.einsum("bti,bi->bt", qp, kp.sum(dim=1)).unsqueeze(dim=2)
-        kptv = torch.einsum("bin,bim->bnm", _up(v), kp)
-        y = torch.einsum("bti,bni->btn", qp, kptv) / (D.repeat(1, 1, self.emb) + self.epsilon)
-        y = v + self.dp(self.proj(y))
-        return y
-
-    def forward(self, x):
-        x = self.single_attn(self.norm1(x))
-        x = x + self.mlp(self.norm2(x))
-        return x
 
 
 def _same(ours, theirs, *inputs, dtype=torch.float64):
@@ -117,10 +71,10 @@ def test_block_training_dropout_and_drop_path():
 
 
 def test_token_performer_matches_official():
-    _same(fnn.TokenPerformer(147, 64), OfficialTokenPerformer(147, 64), torch.randn(2, 49, 147))
+    _same(fnn.TokenPerformer(147, 64), Token_performer(147, 64), torch.randn(2, 49, 147))
     ours = fnn.TokenPerformer(27, 64)
     assert not ours.w.requires_grad and ours.w.shape == (32, 64)
-    assert set(ours.state_dict()) == set(OfficialTokenPerformer(27, 64).state_dict())
+    assert set(ours.state_dict()) == set(Token_performer(27, 64).state_dict())
 
 
 def test_layernorm_mlp_and_layer_norm_modules():
