@@ -7,6 +7,7 @@ passes (kernel outputs are NaN-poisoned by conftest, so an unwritten element fai
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 
 import torch
@@ -123,3 +124,15 @@ def run_without_interpreter(code: str, timeout: float = 300) -> str:
     )
     assert proc.returncode == 0, f"subprocess failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
+
+
+@contextlib.contextmanager
+def overridden(mapping: dict, **values):
+    """Temporarily update a kernel module's config dict (e.g. interpreter tile sizes); restore it after."""
+    before = dict(mapping)
+    mapping.update(values)
+    try:
+        yield
+    finally:
+        mapping.clear()
+        mapping.update(before)

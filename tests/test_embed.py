@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import fastvit
 from fastvit import BackendUnavailableError, backend, ops, reference
-from numerics import check_against_reference, expanded_grad, noncontiguous, randn, run_without_interpreter
+from numerics import check_against_reference, expanded_grad, noncontiguous, overridden, randn, run_without_interpreter
 
 
 def explicit_patch_embed(x, weight, bias, p, pos_embed=None, cls_token=None):
@@ -203,13 +203,8 @@ def tiles(**cfg):
     """Override the interpreter's launch configuration (small tiles cover the tail masking)."""
     from fastvit.kernels import embed as kern
 
-    before = dict(kern.INTERPRETER_TILES)
-    kern.INTERPRETER_TILES.update(cfg)
-    try:
+    with overridden(kern.INTERPRETER_TILES, **cfg):
         yield
-    finally:
-        kern.INTERPRETER_TILES.clear()
-        kern.INTERPRETER_TILES.update(before)
 
 
 def fused_patch_embed(**kw):

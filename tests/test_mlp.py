@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from numerics import check_against_reference, expanded_grad, noncontiguous, randn, run_without_interpreter
+from numerics import check_against_reference, expanded_grad, noncontiguous, overridden, randn, run_without_interpreter
 from torch import nn
 
 import fastvit
@@ -163,13 +163,8 @@ def interpret_overrides(**kw):
     """Small tiles / split-K / several row blocks per program under the interpreter."""
     from fastvit.kernels import mlp as kernels
 
-    before = dict(kernels.INTERPRET_OVERRIDES)
-    kernels.INTERPRET_OVERRIDES.update(kw)
-    try:
+    with overridden(kernels.INTERPRET_OVERRIDES, **kw):
         yield
-    finally:
-        kernels.INTERPRET_OVERRIDES.clear()
-        kernels.INTERPRET_OVERRIDES.update(before)
 
 
 def on_triton(fn, autocast_dtype=None):

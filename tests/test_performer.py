@@ -9,7 +9,7 @@ import torch
 import fastvit
 from fastvit import ops, reference
 from fastvit.backend import BackendUnavailableError
-from numerics import check_against_reference, expanded_grad, noncontiguous, randn, run_without_interpreter
+from numerics import check_against_reference, expanded_grad, noncontiguous, overridden, randn, run_without_interpreter
 
 
 def loop_over_tokens(x, kqv_weight, kqv_bias, w, proj_weight, proj_bias, eps):
@@ -175,12 +175,9 @@ def save_kqv():
 @pytest.fixture
 def small_tiles():
     """Small fixed tiles: several token tiles, splits, K steps and weight-gradient tiles, all with tails."""
-    k = kernels()
-    before = dict(k.INTERPRETER_TILES)
-    k.INTERPRETER_TILES.update(BLOCK_T=16, BLOCK_K=16, SPLIT=3, BLOCK_R=16, SPLITK=3, BLOCK_O=32, BLOCK_D=16)
-    yield
-    k.INTERPRETER_TILES.clear()
-    k.INTERPRETER_TILES.update(before)
+    with overridden(kernels().INTERPRETER_TILES, BLOCK_T=16, BLOCK_K=16, SPLIT=3, BLOCK_R=16, SPLITK=3, BLOCK_O=32,
+                    BLOCK_D=16):
+        yield
 
 
 # The issue's grid (T in {1, 49, 196, 784}, dim in {147, 576, 64}, emb 64, m 32, batch 1-3), sampled so that every
