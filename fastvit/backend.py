@@ -61,7 +61,21 @@ def _triton_available() -> str | None:
 
 
 def _cuda_available() -> str | None:
-    return None if torch.cuda.is_available() else "no CUDA GPU is visible"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible"
+    from fastvit import _ext
+
+    return _ext.unavailable_reason(build_if_missing=True)
+
+
+def _cuda_prebuilt() -> str | None:
+    """What "auto" asks: the extension loads without compiling (a first build takes minutes, so only
+    naming "cuda" or ``python -m fastvit.build`` starts one)."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible"
+    from fastvit import _ext
+
+    return _ext.unavailable_reason(build_if_missing=False)
 
 
 _impls: dict[str, dict[str, Impl]] = {fn: {} for fn in FUNCTIONS}
@@ -70,7 +84,8 @@ _availability: dict[str, Callable[[], str | None]] = {
     "triton": _triton_available,
     "cuda": _cuda_available,
 }
-_availability_cache: dict[str, str | None] = {}
+_auto_availability: dict[str, Callable[[], str | None]] = {**_availability, "cuda": _cuda_prebuilt}
+_availability_cache: dict[tuple[str, bool], str | None] = {}
 _state: dict[str, str] = dict.fromkeys(FAMILIES, "auto")
 
 
@@ -105,19 +120,33 @@ def register(fn: str, backend: str, call: Callable, why_not: Callable[..., str |
     return impl
 
 
-def register_availability(backend: str, check: Callable[[], str | None]) -> None:
-    """Replace the check that says whether ``backend`` can run at all (None = yes, else why not)."""
+def register_availability(
+    backend: str, check: Callable[[], str | None], auto_check: Callable[[], str | None] | None = None
+) -> None:
+    """Replace the check that says whether ``backend`` can run at all (None = yes, else why not).
+
+    ``auto_check``, if given, is what ``"auto"`` asks instead (e.g. "already built", where ``check``
+    would start a build).
+    """
     if backend not in ("triton", "cuda"):
         raise ValueError(f"backend must be 'triton' or 'cuda', got {backend!r}")
     _availability[backend] = check
-    _availability_cache.pop(backend, None)
+    _auto_availability[backend] = auto_check or check
+    _availability_cache.pop((backend, False), None)
+    _availability_cache.pop((backend, True), None)
 
 
-def availability(backend: str) -> str | None:
-    """None when ``backend`` can run on this machine, else the reason it cannot (checked once)."""
-    if backend not in _availability_cache:
-        _availability_cache[backend] = _availability[backend]()
-    return _availability_cache[backend]
+def availability(backend: str, auto: bool = False) -> str | None:
+    """None when ``backend`` can run on this machine, else the reason it cannot (checked once).
+
+    With ``auto=True``, what ``"auto"`` asks, which never starts a build of the CUDA extension.
+    """
+    key = (backend, auto)
+    if key not in _availability_cache:
+        _availability_cache[key] = (_auto_availability if auto else _availability)[backend]()
+        if not auto and _availability_cache[key] is None:
+            _availability_cache.pop((backend, True), None)  # e.g. built just now: auto may use it too
+    return _availability_cache[key]
 
 
 def implementations(fn: str) -> tuple[str, ...]:
@@ -214,7 +243,7 @@ def select(fn: str, *args, **kwargs) -> Impl:
             impl = impls.get(b)
             if impl is None:
                 continue
-            if b != "eager" and (not fused_ok or availability(b) is not None):
+            if b != "eager" and (not fused_ok or availability(b, auto=True) is not None):
                 continue
             if impl.reason(*args, **kwargs) is None:
                 return impl

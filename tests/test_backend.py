@@ -16,11 +16,12 @@ from fastvit.backend import BackendUnavailableError
 def registry():
     """Snapshot the kernel registry and availability checks; restore them after the test."""
     impls = {fn: dict(v) for fn, v in backend._impls.items()}
-    avail = dict(backend._availability)
+    avail, auto_avail = dict(backend._availability), dict(backend._auto_availability)
     yield backend
     for fn in impls:
         backend._impls[fn] = impls[fn]
     backend._availability.update(avail)
+    backend._auto_availability.update(auto_avail)
     backend._availability_cache.clear()
 
 

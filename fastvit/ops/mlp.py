@@ -66,6 +66,68 @@ def _triton_layernorm_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weigh
 backend.register("layer_norm", "triton", _triton_layer_norm, _triton_layer_norm_why_not)
 backend.register("layernorm_mlp", "triton", _triton_layernorm_mlp, _triton_layernorm_mlp_why_not)
 
+# CUDA backend (csrc/mlp.cu through fastvit/csrc/mlp.py, built and loaded on first use by fastvit._ext).
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CUDA_MAX = 2**31 - 1  # CUTLASS problem sizes are int32
+
+
+def _cuda_reason(tensors: dict) -> str | None:
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.device.type != "cuda":
+            return f"{name}: the CUDA backend needs CUDA tensors, got one on {t.device}"
+        if t.dtype not in _CUDA_DTYPES:
+            return f"{name}: the CUDA backend takes float32, float16 or bfloat16, got {t.dtype}"
+    return None
+
+
+def _cuda_layer_norm_why_not(x, weight, bias, eps):
+    return _cuda_reason({"x": x, "weight": weight, "bias": bias})
+
+
+def _cuda_layer_norm(x, weight, bias, eps):
+    from fastvit.csrc import mlp as cuda
+
+    return cuda.layer_norm(x, weight, bias, eps, autocast_dtype(x) or x.dtype)
+
+
+def _cuda_layernorm_mlp_why_not(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, dropout_p):
+    reason = _cuda_reason({
+        "x": x, "ln_weight": ln_weight, "ln_bias": ln_bias, "fc1_weight": fc1_weight, "fc1_bias": fc1_bias,
+        "fc2_weight": fc2_weight, "fc2_bias": fc2_bias, "residual": residual,
+    })
+    if reason is not None:
+        return reason
+    return _cuda_gemm_reason(x.shape[-1], fc1_weight.shape[0], fc2_weight.shape[0], fc1_weight.dtype,
+                             x.numel() // max(x.shape[-1], 1))
+
+
+def _cuda_gemm_reason(C: int, hidden: int, C_out: int, dtype: torch.dtype, rows: int) -> str | None:
+    """Why the CUDA MLP's tensor-core GEMMs (16-byte aligned rows, int32 sizes) cannot take these sizes."""
+    align = 4 if dtype == torch.float32 else 8
+    if min(C, hidden, C_out) < 1 or C % align or hidden % align or C_out % align:
+        return (f"the CUDA MLP's GEMMs need C, hidden and C_out to be positive multiples of {align} for "
+                f"{dtype}, got {C}, {hidden}, {C_out}")
+    if rows > _CUDA_MAX:
+        return f"the CUDA MLP takes fewer than 2^31 rows, got {rows}"
+    return None
+
+
+def _cuda_layernorm_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, dropout_p):
+    """CUDA LayerNorm-MLP; like the Triton backend, dropout_p > 0 runs the eager reference (dropout is not fused)."""
+    if dropout_p > 0:
+        return reference.layernorm_mlp(
+            x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, dropout_p
+        )
+    from fastvit.csrc import mlp as cuda
+
+    return cuda.layernorm_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual)
+
+
+backend.register("layer_norm", "cuda", _cuda_layer_norm, _cuda_layer_norm_why_not)
+backend.register("layernorm_mlp", "cuda", _cuda_layernorm_mlp, _cuda_layernorm_mlp_why_not)
+
 
 def _check_norm_params(x: torch.Tensor, weight, bias, eps, wname: str, bname: str) -> float:
     C = x.shape[-1]

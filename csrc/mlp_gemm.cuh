@@ -1,0 +1,249 @@
+// MLP family, CUDA: the GEMMs with fused epilogues, on CUTLASS 2.x tensor-core kernels (Sm80 mma.sync,
+// multistage cp.async pipeline; they run on sm_80 and sm_90). Included only by mlp_gemm_<dtype>.cu,
+// one translation unit per dtype.
+//
+// - linear_bias_gelu: the fc1 epilogue adds the bias, applies exact (erf) GELU and, in training, also
+//   writes the pre-activation the backward needs (CUTLASS's broadcast epilogue: Z and T outputs).
+// - linear_bias_residual: the fc2 epilogue adds the bias and the residual (CUTLASS's source operand C).
+// - matmul_dgelu: the dgrad GEMM multiplies by GELU'(pre) in its epilogue (DGeluOfSource below;
+//   CUTLASS's own dGELU is the tanh approximation's derivative).
+// - matmul_nn / matmul_tn: plain dgrad / wgrad; wgrad may split K serially (deterministic).
+#pragma once
+
+#include <cmath>
+
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/thread/activation.h"
+#include "cutlass/epilogue/thread/linear_combination.h"
+#include "cutlass/epilogue/thread/linear_combination_bias_elementwise.h"
+#include "cutlass/gemm/device/gemm_universal.h"
+#include "cutlass/gemm/device/gemm_universal_with_broadcast.h"
+#include "cutlass/numeric_types.h"
+
+#include "mlp.cuh"
+
+namespace fastvit {
+namespace mlp {
+namespace detail {
+
+using cutlass::gemm::GemmShape;
+using cutlass::layout::ColumnMajor;
+using cutlass::layout::RowMajor;
+
+template <DType D>
+struct Config;
+
+template <>
+struct Config<DType::f16> {
+  using T = cutlass::half_t;
+  using Operator = cutlass::arch::OpMultiplyAdd;
+  using Instruction = GemmShape<16, 8, 16>;
+  using Threadblock = GemmShape<128, 128, 32>;
+  using Warp = GemmShape<64, 64, 32>;
+  static constexpr int kStages = 4;
+};
+
+template <>
+struct Config<DType::bf16> : Config<DType::f16> {
+  using T = cutlass::bfloat16_t;
+};
+
+// fp32 operands: 3xTF32 (each operand split into a TF32 high and low part), fp32-accurate.
+template <>
+struct Config<DType::f32> {
+  using T = float;
+  using Operator = cutlass::arch::OpMultiplyAddFastF32;
+  using Instruction = GemmShape<16, 8, 8>;
+  using Threadblock = GemmShape<128, 128, 16>;
+  using Warp = GemmShape<64, 64, 16>;
+  static constexpr int kStages = 4;
+};
+
+template <typename T>
+constexpr int kAlign = 128 / cutlass::sizeof_bits<T>::value;
+
+using Swizzle = cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<8>;
+
+// A GEMM whose epilogue gets a broadcast row vector (the bias) and may write a second tensor.
+template <DType D, typename LayoutA, typename LayoutB, typename ElementC, typename OutputOp>
+using BroadcastGemm = cutlass::gemm::device::GemmUniversalWithBroadcast<
+    typename Config<D>::T, LayoutA, typename Config<D>::T, LayoutB, ElementC, RowMajor, float,
+    cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80, typename Config<D>::Threadblock, typename Config<D>::Warp,
+    typename Config<D>::Instruction, OutputOp, Swizzle, Config<D>::kStages, kAlign<typename Config<D>::T>,
+    kAlign<typename Config<D>::T>, typename Config<D>::Operator>;
+
+template <DType D, typename LayoutA, typename LayoutB>
+using PlainGemm = cutlass::gemm::device::GemmUniversal<
+    typename Config<D>::T, LayoutA, typename Config<D>::T, LayoutB, typename Config<D>::T, RowMajor, float,
+    cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80, typename Config<D>::Threadblock, typename Config<D>::Warp,
+    typename Config<D>::Instruction,
+    cutlass::epilogue::thread::LinearCombination<typename Config<D>::T, kAlign<typename Config<D>::T>, float, float>,
+    Swizzle, Config<D>::kStages, kAlign<typename Config<D>::T>, kAlign<typename Config<D>::T>,
+    typename Config<D>::Operator>;
+
+// Z = GELU(acc + bias) and T = acc + bias (T written only when its pointer is not null).
+template <typename T>
+using BiasGelu = cutlass::epilogue::thread::LinearCombinationBiasElementwise<
+    T, float, float, T, T, kAlign<T>, cutlass::epilogue::thread::GELU<float>, cutlass::plus<float>, true, T>;
+
+// Z = acc + bias (+ beta * C, the residual), in the output type TO; the bias stays in the GEMM type T.
+template <typename T, typename TO>
+using BiasResidual = cutlass::epilogue::thread::LinearCombinationBiasElementwise<
+    TO, float, float, TO, TO, kAlign<TO>, cutlass::epilogue::thread::Identity<float>, cutlass::plus<float>, false, T>;
+
+// Z = acc * GELU'(C) with the exact GELU: GELU'(u) = Phi(u) + u * phi(u); C is the pre-activation.
+template <typename T>
+class DGeluOfSource : public cutlass::epilogue::thread::LinearCombinationBiasElementwise<
+                          T, float, float, T, T, kAlign<T>, cutlass::epilogue::thread::Identity<float>,
+                          cutlass::plus<float>, false, T> {
+  using Base = cutlass::epilogue::thread::LinearCombinationBiasElementwise<
+      T, float, float, T, T, kAlign<T>, cutlass::epilogue::thread::Identity<float>, cutlass::plus<float>, false, T>;
+
+ public:
+  using typename Base::FragmentAccumulator;
+  using typename Base::FragmentC;
+  using typename Base::FragmentCompute;
+  using typename Base::FragmentT;
+  using typename Base::FragmentZ;
+  using typename Base::Params;
+  static bool const kIsHeavy = true;
+  static int const kN = Base::kElementsPerAccess;
+
+  CUTLASS_HOST_DEVICE
+  explicit DGeluOfSource(Params const& params) : Base(params) {}
+
+  CUTLASS_HOST_DEVICE
+  bool is_source_needed() const { return true; }
+
+  CUTLASS_HOST_DEVICE
+  void operator()(FragmentZ& frag_Z, FragmentT&, FragmentAccumulator const& AB, FragmentC const& frag_C,
+                  FragmentCompute const&) const {
+    FragmentCompute acc = cutlass::NumericArrayConverter<float, float, kN>()(AB);
+    FragmentCompute pre = cutlass::NumericArrayConverter<float, T, kN>()(frag_C);
+    FragmentCompute z;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kN; ++i) {
+      const float u = pre[i];
+      const float cdf = 0.5f * (1.f + erff(u * 0.70710678118654752f));
+      const float pdf = 0.39894228040143268f * expf(-0.5f * u * u);
+      z[i] = acc[i] * (cdf + u * pdf);
+    }
+    frag_Z = cutlass::NumericArrayConverter<T, float, kN>()(z);
+  }
+
+  // Not reached (is_source_needed() is always true); required by the epilogue's interface.
+  CUTLASS_HOST_DEVICE
+  void operator()(FragmentZ& frag_Z, FragmentT&, FragmentAccumulator const& AB, FragmentCompute const&) const {
+    frag_Z = cutlass::NumericArrayConverter<T, float, kN>()(AB);
+  }
+};
+
+inline cudaError_t to_cuda_error(cutlass::Status status) {
+  if (status == cutlass::Status::kSuccess) return cudaGetLastError();
+  if (status == cutlass::Status::kErrorMisalignedOperand || status == cutlass::Status::kErrorInvalidProblem ||
+      status == cutlass::Status::kErrorNotSupported) {
+    return cudaErrorNotSupported;
+  }
+  const cudaError_t e = cudaGetLastError();
+  return e != cudaSuccess ? e : cudaErrorLaunchFailure;
+}
+
+template <typename G>
+cudaError_t run(typename G::Arguments const& args, void* workspace, cudaStream_t stream) {
+  G op;
+  cutlass::Status status = op.can_implement(args);
+  if (status == cutlass::Status::kSuccess) status = op.initialize(args, workspace, stream);
+  if (status == cutlass::Status::kSuccess) status = op.run(stream);
+  return to_cuda_error(status);
+}
+
+constexpr auto kGemmMode = cutlass::gemm::GemmUniversalMode::kGemm;
+
+template <DType D>
+cudaError_t Gemm<D>::linear_bias_gelu(int M, int N, int K, const void* a, int64_t lda, const void* w, int64_t ldw,
+                                      const void* bias, void* out, int64_t ldo, void* pre, int64_t ldp,
+                                      cudaStream_t stream) {
+  using T = typename Config<D>::T;
+  using Op = BiasGelu<T>;
+  using G = BroadcastGemm<D, RowMajor, ColumnMajor, T, Op>;
+  typename G::Arguments args(kGemmMode, {M, N, K}, 1, typename Op::Params(1.f, 0.f), a, w, nullptr, out,
+                             const_cast<void*>(bias), pre, 0, 0, 0, 0, 0, 0, lda, ldw, ldo, ldo, 0, ldp);
+  return run<G>(args, nullptr, stream);
+}
+
+template <DType D>
+cudaError_t Gemm<D>::linear_bias_residual(bool out_fp32, int M, int N, int K, const void* a, int64_t lda,
+                                          const void* w, int64_t ldw, const void* bias, const void* residual,
+                                          int64_t ldr, void* out, int64_t ldo, cudaStream_t stream) {
+  using T = typename Config<D>::T;
+  auto launch = [&](auto out_element) {
+    using TO = decltype(out_element);
+    using Op = BiasResidual<T, TO>;
+    using G = BroadcastGemm<D, RowMajor, ColumnMajor, TO, Op>;
+    const float beta = residual != nullptr ? 1.f : 0.f;
+    typename G::Arguments args(kGemmMode, {M, N, K}, 1, typename Op::Params(1.f, beta), a, w, residual, out,
+                               const_cast<void*>(bias), nullptr, 0, 0, 0, 0, 0, 0, lda, ldw,
+                               residual != nullptr ? ldr : ldo, ldo, 0, 0);
+    return run<G>(args, nullptr, stream);
+  };
+  if constexpr (D == DType::f32) {
+    return launch(float{});
+  } else {
+    return out_fp32 ? launch(float{}) : launch(T{});
+  }
+}
+
+template <DType D>
+cudaError_t Gemm<D>::matmul_dgelu(int M, int N, int K, const void* a, int64_t lda, const void* b, int64_t ldb,
+                                  const void* pre, int64_t ldp, void* out, int64_t ldo, cudaStream_t stream) {
+  using T = typename Config<D>::T;
+  using Op = DGeluOfSource<T>;
+  using G = BroadcastGemm<D, RowMajor, RowMajor, T, Op>;
+  typename G::Arguments args(kGemmMode, {M, N, K}, 1, typename Op::Params(1.f, 1.f), a, b, pre, out, nullptr,
+                             nullptr, 0, 0, 0, 0, 0, 0, lda, ldb, ldp, ldo, 0, 0);
+  return run<G>(args, nullptr, stream);
+}
+
+template <DType D>
+cudaError_t Gemm<D>::matmul_nn(int M, int N, int K, const void* a, int64_t lda, const void* b, int64_t ldb, void* out,
+                               int64_t ldo, cudaStream_t stream) {
+  using G = PlainGemm<D, RowMajor, RowMajor>;
+  typename G::Arguments args(kGemmMode, {M, N, K}, 1, {1.f, 0.f}, a, b, out, out, 0, 0, 0, 0, lda, ldb, ldo, ldo);
+  return run<G>(args, nullptr, stream);
+}
+
+template <DType D>
+cudaError_t Gemm<D>::matmul_tn(int M, int N, int K, const void* a, int64_t lda, const void* b, int64_t ldb, void* out,
+                               int64_t ldo, int split_k, void* workspace, cudaStream_t stream) {
+  using G = PlainGemm<D, ColumnMajor, RowMajor>;
+  typename G::Arguments args(kGemmMode, {M, N, K}, split_k, {1.f, 0.f}, a, b, out, out, 0, 0, 0, 0, lda, ldb, ldo,
+                             ldo);
+  return run<G>(args, workspace, stream);
+}
+
+template <DType D>
+size_t Gemm<D>::matmul_tn_workspace_bytes(int M, int N, int K, int split_k) {
+  using G = PlainGemm<D, ColumnMajor, RowMajor>;
+  typename G::Arguments args(kGemmMode, {M, N, K}, split_k, {1.f, 0.f}, nullptr, nullptr, nullptr, nullptr, 0, 0, 0, 0,
+                             M, N, N, N);
+  return G::get_workspace_size(args);
+}
+
+template <DType D>
+int Gemm<D>::alignment() {
+  return kAlign<typename Config<D>::T>;
+}
+
+template <DType D>
+int Gemm<D>::tile_m() {
+  return Config<D>::Threadblock::kM;
+}
+
+template <DType D>
+int Gemm<D>::tile_n() {
+  return Config<D>::Threadblock::kN;
+}
+
+}  // namespace detail
+}  // namespace mlp
+}  // namespace fastvit

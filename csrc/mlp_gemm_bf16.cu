@@ -1,0 +1,4 @@
+// The MLP GEMMs for bf16 operands (see mlp_gemm.cuh); one dtype per translation unit.
+#include "mlp_gemm.cuh"
+
+template struct fastvit::mlp::detail::Gemm<fastvit::mlp::DType::bf16>;
