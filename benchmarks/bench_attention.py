@@ -1,6 +1,7 @@
 """Attention benchmark: fastvit's Triton flash attention vs SDPA's backends, eager and torch.compile.
 
-Two parts, bf16, CUDA events (``triton.testing.do_bench`` median, p20/p80):
+Two parts, bf16, CUDA events (``common.cuda_time``: median, p20/p80); fastvit on every backend that
+implements the op here:
 
 1. ``attention`` on (B, H, N, D) tensors, forward and forward+backward, at ViT-S/B/L (batch 256,
    N = 197, D = 64, heads 6/12/16), ViT-B at 384 (N = 577) and N = 3136 (56 x 56 tokens), against
@@ -28,22 +29,23 @@ forward+backward ~0.45-0.5 ms (two-pass backward); the packed path wins end to e
 copies that timm pays around SDPA (q, k, v out of the (B, N, 3, H, D) projection and the output back).
 The ``pct_roofline`` column is floor / measured for each row's shape.
 
-``python -m benchmarks.bench_attention`` prints one line and exits 0 on a machine without a GPU.
+``python -m benchmarks.bench_attention`` is ``python -m benchmarks --families attention``: without a GPU
+it says so and runs the family's CPU smoke checks.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
+import sys
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import gpu_available, markdown_table, save, time_ms
+from benchmarks.common import Case, Variant, fused_backends, make_step
+from benchmarks.smoke import SmokeCheck, draw
 
-PEAK_TFLOPS = 989.0
-PEAK_TBPS = 3.35
-
+FAMILY = "attention"
 # name, batch, heads, N, head dim
 SHAPES = [
     ("ViT-S/16", 256, 6, 197, 64),
@@ -55,179 +57,183 @@ SHAPES = [
 
 
 def flops(B, H, N, D, backward: bool) -> float:
+    """QK^T and PV: 4 B H N^2 D forward; backward 2.5x that (dV, dP, dQ, dK and the recomputed S)."""
     fwd = 4.0 * B * H * N * N * D
     return fwd * (3.5 if backward else 1.0)
 
 
-def floor_ms(B, H, N, D, backward: bool, elt: int = 2) -> float:
-    """max(compute, memory) lower bound: q, k, v in, o and lse out forward; q, k, v, dO and lse in,
-    dq, dk, dv out backward."""
+def floor_bytes(B, H, N, D, backward: bool, elt: int = 2) -> float:
+    """q, k, v in, o and lse out forward; q, k, v, dO and lse in, dq, dk, dv out backward."""
     tensor = B * H * N * D * elt
     lse = B * H * N * 4
-    nbytes = 4 * tensor + lse + ((7 * tensor + lse) if backward else 0)
-    return max(flops(B, H, N, D, backward) / (PEAK_TFLOPS * 1e12), nbytes / (PEAK_TBPS * 1e12)) * 1e3
+    return 4 * tensor + lse + ((7 * tensor + lse) if backward else 0)
 
 
 def eager_attention(q, k, v):
     return torch.softmax((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5, dim=-1) @ v
 
 
-def _timed(fn, inputs, backward: bool, params=()):
-    """Median/p20/p80 ms of fn(*inputs) (forward) or of forward + backward w.r.t. the inputs (and params)."""
-    if backward:
-        out = fn(*inputs)
-        grad = torch.randn_like(out)
-        wrt = [*inputs, *params]
+def _sdpa(backend) -> Callable:
+    from torch.nn.attention import sdpa_kernel
 
-        def step():
-            torch.autograd.grad(fn(*inputs), wrt, grad)
-    else:
+    def run(q, k, v):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v)
 
-        def step():
-            with torch.no_grad():
-                fn(*inputs)
-
-    step()
-    torch.cuda.synchronize()
-    return time_ms(step)
+    return run
 
 
-def _try(fn, inputs, backward, params=()):
-    try:
-        return _timed(fn, inputs, backward, params)
-    except Exception as e:  # noqa: BLE001 -- a backend that does not serve the shape, OOM, out of resources
-        torch.cuda.empty_cache()
-        return {"error": str(e).splitlines()[0][:80]}
-
-
-def bench_core(rows: list[dict]) -> None:
-    import fastvit
-    from fastvit import ops
+def _one_pass(fn: Callable, D: int) -> Callable:
+    """``fn`` with fastvit's one-pass backward forced (``FUSED_BWD_MAX_TILE = 256 * D``)."""
     from fastvit.kernels import attention as kern
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    compiled_eager = torch.compile(eager_attention)
+    def run(*args):
+        before = kern.FUSED_BWD_MAX_TILE
+        kern.FUSED_BWD_MAX_TILE = 256 * D
+        try:
+            return fn(*args)
+        finally:
+            kern.FUSED_BWD_MAX_TILE = before
 
-    def fastvit_attention(q, k, v):
-        return ops.attention(q, k, v)
-
-    def sdpa(backend):
-        def run(q, k, v):
-            with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v)
-
-        return run
-
-    for name, B, H, N, D in SHAPES:
-        inputs = [torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
-        for backward in (False, True):
-            with fastvit.use_backend({"attention": "triton"}):
-                candidates = {"fastvit": _try(fastvit_attention, inputs, backward)}
-                if N <= 256:
-                    before = kern.FUSED_BWD_MAX_TILE
-                    kern.FUSED_BWD_MAX_TILE = 256 * D
-                    try:
-                        candidates["fastvit one-pass bwd"] = _try(fastvit_attention, inputs, backward)
-                    finally:
-                        kern.FUSED_BWD_MAX_TILE = before
-            baselines = {
-                "sdpa flash": _try(sdpa(SDPBackend.FLASH_ATTENTION), inputs, backward),
-                "sdpa cudnn": _try(sdpa(SDPBackend.CUDNN_ATTENTION), inputs, backward),
-                "sdpa mem-efficient": _try(sdpa(SDPBackend.EFFICIENT_ATTENTION), inputs, backward),
-                "eager": _try(eager_attention, inputs, backward),
-                "torch.compile eager": _try(compiled_eager, inputs, backward),
-            }
-            ok = [v["median_ms"] for v in baselines.values() if "median_ms" in v]
-            best = min(ok) if ok else math.nan
-            floor = floor_ms(B, H, N, D, backward)
-            for label, t in {**candidates, **baselines}.items():
-                row = {"part": "core", "shape": name, "B": B, "H": H, "N": N, "D": D,
-                       "pass": "fwd+bwd" if backward else "fwd", "impl": label}
-                if "median_ms" in t:
-                    row.update(t)
-                    row["tflops"] = flops(B, H, N, D, backward) / (t["median_ms"] * 1e-3) / 1e12
-                    row["pct_roofline"] = 100.0 * floor / t["median_ms"]
-                    row["x vs best baseline"] = best / t["median_ms"]
-                    for b, bt in baselines.items():
-                        if "median_ms" in bt and label in candidates:
-                            row[f"x vs {b}"] = bt["median_ms"] / t["median_ms"]
-                else:
-                    row["error"] = t["error"]
-                rows.append(row)
-        del inputs
-        torch.cuda.empty_cache()
+    return run
 
 
-def bench_packed(rows: list[dict]) -> None:
-    import fastvit
-    import fastvit.nn as fnn
-    from fastvit import ops
+def _core_case(name: str, B: int, H: int, N: int, D: int, backward: bool) -> Case:
+    from torch.nn.attention import SDPBackend
 
+    def inputs():
+        qkv = [torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=backward) for _ in range(3)]
+        return SimpleNamespace(qkv=qkv, grad=torch.randn_like(qkv[0]) if backward else None)
+
+    def variant(fn: Callable[[], Callable], **kw) -> Variant:
+        def make(i):
+            f = fn()
+            return make_step(lambda: f(*i.qkv), backward, i.qkv, i.grad)
+
+        return Variant(make, **kw)
+
+    def fused():
+        from fastvit import ops
+
+        return ops.attention
+
+    variants = {}
+    for b in fused_backends("attention"):
+        variants[f"fastvit[{b}]"] = variant(fused, backends={FAMILY: b})
+    if backward and N <= 256 and "triton" in fused_backends("attention"):
+        variants["fastvit[triton] one-pass bwd"] = variant(lambda: _one_pass(fused(), D), backends={FAMILY: "triton"})
+    variants.update({
+        "sdpa flash": variant(lambda: _sdpa(SDPBackend.FLASH_ATTENTION), baseline=True),
+        "sdpa cudnn": variant(lambda: _sdpa(SDPBackend.CUDNN_ATTENTION), baseline=True),
+        "sdpa mem-efficient": variant(lambda: _sdpa(SDPBackend.EFFICIENT_ATTENTION), baseline=True),
+        "eager": variant(lambda: eager_attention, baseline=True),
+        "torch.compile eager": variant(lambda: torch.compile(eager_attention), baseline=True),
+    })
+    return Case(FAMILY, f"attention {name}", {"B": B, "H": H, "N": N, "D": D}, "bf16", "fwd+bwd" if backward else "fwd",
+                inputs, variants, flops=flops(B, H, N, D, backward), bytes=floor_bytes(B, H, N, D, backward))
+
+
+def _packed_case(name: str, B: int, H: int, N: int, D: int, backward: bool) -> Case:
+    """qkv projection output (B, N, 3C) -> output projection input (B, N, C)."""
+    C = H * D
+
+    def timm_core(qkv):  # timm Attention.forward between self.qkv and self.proj (fused_attn path)
+        q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+
+    def fastvit_core(qkv):
+        from fastvit import ops
+
+        return ops.attention_qkvpacked(qkv, H)
+
+    def inputs():
+        qkv = torch.randn(B, N, 3 * C, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+        grad = torch.randn(B, N, C, device="cuda", dtype=torch.bfloat16) if backward else None
+        return SimpleNamespace(qkv=qkv, grad=grad)
+
+    def variant(fn, **kw) -> Variant:
+        return Variant(lambda i: make_step(lambda: fn(i.qkv), backward, [i.qkv], i.grad), **kw)
+
+    variants = {f"fastvit[{b}]": variant(fastvit_core, backends={FAMILY: b}) for b in fused_backends("attention_qkvpacked")}
+    variants["timm core (permute + sdpa + reshape)"] = variant(timm_core, baseline=True)
+    return Case(FAMILY, f"attention_qkvpacked {name}", {"B": B, "H": H, "N": N, "D": D}, "bf16",
+                "fwd+bwd" if backward else "fwd", inputs, variants,
+                flops=flops(B, H, N, D, backward), bytes=floor_bytes(B, H, N, D, backward))
+
+
+def _module_case(name: str, B: int, H: int, N: int, D: int, backward: bool) -> Case | None:
+    """fastvit.nn.Attention against timm.layers.Attention, same weights (None without timm)."""
     try:
         from timm.layers import Attention as TimmAttention
     except ImportError:
-        TimmAttention = None
+        return None
+    C = H * D
 
-    for name, B, H, N, D in SHAPES[:4]:
-        C = H * D
+    def inputs():
+        timm_mod = TimmAttention(C, num_heads=H, qkv_bias=True).to("cuda", torch.bfloat16)
+        x = torch.randn(B, N, C, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+        return SimpleNamespace(timm=timm_mod, x=x, grad=torch.randn_like(x) if backward else None)
 
-        def timm_core(qkv):  # timm Attention.forward between self.qkv and self.proj (fused_attn path)
-            q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
-            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+    def ours(i):
+        import fastvit.nn as fnn
 
-        def fastvit_core(qkv):
-            return ops.attention_qkvpacked(qkv, H)
+        mod = fnn.Attention(C, H, qkv_bias=True).to("cuda", torch.bfloat16)
+        mod.load_state_dict(i.timm.state_dict())
+        return mod
 
-        qkv = torch.randn(B, N, 3 * C, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        x = torch.randn(B, N, C, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        mods = {}
-        if TimmAttention is not None:
-            timm_mod = TimmAttention(C, num_heads=H, qkv_bias=True).cuda().bfloat16()
-            ours = fnn.Attention(C, H, qkv_bias=True).cuda().bfloat16()
-            ours.load_state_dict(timm_mod.state_dict())
-            mods = {"module fastvit.nn.Attention": (ours, "fastvit"), "module timm Attention": (timm_mod, "baseline")}
+    def variant(module: Callable, **kw) -> Variant:
+        def make(i):
+            mod = module(i)
+            return make_step(lambda: mod(i.x), backward, [i.x, *mod.parameters()], i.grad)
+
+        return Variant(make, **kw)
+
+    variants = {f"fastvit.nn.Attention[{b}]": variant(ours, backends={FAMILY: b})
+                for b in fused_backends("attention_qkvpacked")}
+    variants["timm Attention"] = variant(lambda i: i.timm, baseline=True)
+    return Case(FAMILY, f"Attention module {name}", {"B": B, "H": H, "N": N, "D": D}, "bf16",
+                "fwd+bwd" if backward else "fwd", inputs, variants)
+
+
+def cases(quick: bool = False) -> Iterator[Case]:
+    """The core op at every shape (ViT-B only when ``quick``); the packed op and the module at the ViT
+    shapes (N <= 577), fwd and fwd+bwd."""
+    shapes = [SHAPES[1]] if quick else SHAPES
+    for shape in shapes:
         for backward in (False, True):
-            results = {}
-            with fastvit.use_backend({"attention": "triton"}):
-                results["core fastvit attention_qkvpacked"] = (_try(fastvit_core, [qkv], backward), "fastvit")
-                for label, (mod, kind) in mods.items():
-                    if kind == "fastvit":
-                        results[label] = (_try(mod, [x], backward, list(mod.parameters())), kind)
-            results["core timm (permute + sdpa + reshape)"] = (_try(timm_core, [qkv], backward), "baseline")
-            for label, (mod, kind) in mods.items():
-                if kind == "baseline":
-                    results[label] = (_try(mod, [x], backward, list(mod.parameters())), kind)
-            for label, (t, kind) in results.items():
-                row = {"part": "packed", "shape": name, "B": B, "H": H, "N": N, "D": D,
-                       "pass": "fwd+bwd" if backward else "fwd", "impl": label}
-                if "median_ms" in t:
-                    row.update(t)
-                    if label.startswith("core"):
-                        row["pct_roofline"] = 100.0 * floor_ms(B, H, N, D, backward) / t["median_ms"]
-                    twin = {"core fastvit attention_qkvpacked": "core timm (permute + sdpa + reshape)",
-                            "module fastvit.nn.Attention": "module timm Attention"}.get(label)
-                    if twin and "median_ms" in results[twin][0]:
-                        row["x vs timm"] = results[twin][0]["median_ms"] / t["median_ms"]
-                else:
-                    row["error"] = t["error"]
-                rows.append(row)
-        del qkv, x
-        torch.cuda.empty_cache()
+            yield _core_case(*shape, backward)
+    for shape in shapes:
+        if shape[3] > 577:
+            continue
+        for backward in (False, True):
+            yield _packed_case(*shape, backward)
+            case = _module_case(*shape, backward)
+            if case is not None:
+                yield case
 
 
-def main() -> None:
-    if not gpu_available("bench_attention"):
-        return
-    rows: list[dict] = []
-    with contextlib.suppress(KeyboardInterrupt):
-        bench_core(rows)
-        bench_packed(rows)
-    columns = ["part", "shape", "pass", "impl", "median_ms", "p20_ms", "p80_ms", "tflops", "pct_roofline",
-               "x vs best baseline", "x vs sdpa flash", "x vs sdpa cudnn", "x vs sdpa mem-efficient",
-               "x vs eager", "x vs torch.compile eager", "x vs timm", "error"]
-    print(markdown_table(rows, columns))
-    print(f"saved {save('attention', rows, columns)}")
+def smoke_checks() -> Iterator[SmokeCheck]:
+    """attention on (1, 2, 7, 32); attention_qkvpacked on (1, 7, 3 * 64), 2 heads."""
+    from fastvit import ops
+
+    def attention(dtype, device):
+        q, k, v = (draw(1, 2, 7, 32, dtype=dtype, device=device) for _ in range(3))
+        return (lambda: ops.attention(q, k, v)), [q, k, v]
+
+    def packed(dtype, device):
+        qkv = draw(1, 7, 3 * 64, dtype=dtype, device=device)
+        return (lambda: ops.attention_qkvpacked(qkv, 2)), [qkv]
+
+    yield SmokeCheck(FAMILY, "attention", {"B": 1, "H": 2, "N": 7, "D": 32}, attention)
+    yield SmokeCheck(FAMILY, "attention_qkvpacked", {"B": 1, "H": 2, "N": 7, "D": 32}, packed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks --families attention [options]``."""
+    from benchmarks.runner import main as run
+
+    return run(["--families", FAMILY, *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,7 +1,8 @@
 """Embed family benchmark: fused patch embedding and T2T soft split against their PyTorch formulations.
 
-Run: ``python -m benchmarks.bench_embed [--batch 256] [--no-compile] [--no-save]`` (bf16, CUDA events,
-median of ``triton.testing.do_bench`` with p20/p80). Without a GPU it prints one line and exits 0.
+Run: ``python -m benchmarks.bench_embed [options]``, which is ``python -m benchmarks --families embed``
+(bf16, CUDA events: ``common.cuda_time``, median with p20/p80; fastvit on every backend that implements
+the op here). Without a GPU it says so and runs the family's CPU smoke checks.
 
 Compared, in one run on one GPU:
 - patch_embed, ViT-B/16 at 224 (B=256, C=3, p=16, D=768, cls (1, 1, D), pos (1, 197, D)), forward and
@@ -32,201 +33,194 @@ Roofline floors (H100 SXM: dense bf16 ~989 TFLOP/s, HBM ~3.35 TB/s), ViT-B/16, B
 
 from __future__ import annotations
 
-import argparse
 import sys
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import gpu_available, markdown_table, save, time_ms
+from benchmarks.common import Case, Variant, fused_backends, make_step
+from benchmarks.smoke import SmokeCheck, draw
 
-DEVICE = "cuda"  # (a smoke run of the script's logic may point it elsewhere)
-H100_BF16_FLOPS = 989e12
-H100_BYTES_PER_S = 3.35e12
-
-
-def _grad_step(fn, params, grad):
-    def step():
-        out = fn()
-        return torch.autograd.grad(out, params, grad)
-
-    return step
+FAMILY = "embed"
+BATCH = 256
+C, S, P, D = 3, 224, 16, 768  # ViT-B/16 at 224
+N = (S // P) ** 2
+K = C * P * P
 
 
-def _measure(rows, case, variant, fn, flops, nbytes, baseline=False):
-    t = time_ms(fn)
-    sec = t["median_ms"] * 1e-3
-    floor = max(flops / H100_BF16_FLOPS, nbytes / H100_BYTES_PER_S)
-    rows.append({
-        "case": case, "variant": variant, "baseline": baseline, **t,
-        "TFLOP/s": flops / sec / 1e12 if flops else 0.0, "GB/s": nbytes / sec / 1e9,
-        "% of roofline": 100.0 * floor / sec,
-    })
+def _variants(eager: dict[str, Callable], fused: Callable, fn: str, backward: bool, params: Callable) -> dict[str, Variant]:
+    """The eager formulations and their ``torch.compile`` (baselines), and ``fused`` on each backend of
+    public function ``fn``; each is ``f(inputs) -> output``, differentiated w.r.t. ``params(inputs)``."""
+
+    def variant(f: Callable, compile_: bool = False, **kw) -> Variant:
+        def make(i):
+            g = torch.compile(f) if compile_ else f
+            return make_step(lambda: g(i), backward, params(i), i.grad)
+
+        return Variant(make, **kw)
+
+    out = {}
+    for name, f in eager.items():
+        out[name] = variant(f, baseline=True)
+        out[f"torch.compile({name})"] = variant(f, compile_=True, baseline=True)
+    for b in fused_backends(fn):
+        out[f"fastvit[{b}]"] = variant(fused, backends={FAMILY: b})
+    return out
 
 
-def _ratios(rows):
-    """Each fastvit row gets its speed-up over the best baseline of its case."""
-    for case in {r["case"] for r in rows}:
-        best = min((r["median_ms"] for r in rows if r["case"] == case and r["baseline"]), default=None)
-        for r in rows:
-            if r["case"] == case:
-                r["x best baseline"] = best / r["median_ms"] if best else float("nan")
+def _patch_embed_case(B: int, backward: bool) -> Case:
+    """timm's form: conv-layout weight (D, C, p, p), cls (1, 1, D), pos (1, N + 1, D)."""
+
+    def inputs():
+        dev, dt = "cuda", torch.bfloat16
+        return SimpleNamespace(
+            x=torch.randn(B, C, S, S, device=dev, dtype=dt),
+            w=(torch.randn(D, C, P, P, device=dev, dtype=dt) * 0.02).requires_grad_(),
+            b=torch.zeros(D, device=dev, dtype=dt).requires_grad_(),
+            cls=torch.randn(1, 1, D, device=dev, dtype=dt).requires_grad_(),
+            pos=torch.randn(1, N + 1, D, device=dev, dtype=dt).requires_grad_(),
+            grad=torch.randn(B, N + 1, D, device=dev, dtype=dt) if backward else None,
+        )
+
+    def timm_style(i):
+        y = F.conv2d(i.x, i.w, i.b, stride=P).flatten(2).transpose(1, 2)
+        return torch.cat([i.cls.expand(B, -1, -1), y], dim=1) + i.pos
+
+    def linear_style(i):
+        patches = i.x.reshape(B, C, S // P, P, S // P, P).permute(0, 2, 4, 1, 3, 5).reshape(B, N, K)
+        y = F.linear(patches, i.w.reshape(D, -1), i.b)
+        return torch.cat([i.cls.expand(B, -1, -1), y], dim=1) + i.pos
+
+    def fused(i):
+        from fastvit import ops
+
+        return ops.patch_embed(i.x, i.w, i.b, P, i.pos, i.cls)
+
+    flops = 2.0 * B * N * D * K
+    io = 2.0 * (B * C * S * S + B * (N + 1) * D + D * K + (N + 1) * D)
+    variants = _variants({"timm Conv2d+flatten+cat+add": timm_style, "Linear on patches+cat+add": linear_style},
+                         fused, "patch_embed", backward, lambda i: [i.w, i.b, i.cls, i.pos])
+    return Case(FAMILY, "patch_embed ViT-B/16", {"B": B, "C": C, "img": S, "patch": P, "D": D}, "bf16",
+                "fwd+bwd" if backward else "fwd", inputs, variants,
+                flops=flops * (2 if backward else 1), bytes=io * (2 if backward else 1))
 
 
-def bench_patch_embed(rows, B, compile_):
-    from fastvit import ops, use_backend
+def _vit_pytorch_case(B: int, backward: bool) -> Case:
+    """vit-pytorch's form: (p1 p2 c) patches, LayerNorm, Linear, LayerNorm, then cls (1, D) and pos (N + 1, D)."""
 
-    dev, dt = DEVICE, torch.bfloat16
-    C, S, p, D = 3, 224, 16, 768
-    n = (S // p) ** 2
-    x = torch.randn(B, C, S, S, device=dev, dtype=dt)
-    w = (torch.randn(D, C, p, p, device=dev, dtype=dt) * 0.02).requires_grad_()
-    b = torch.zeros(D, device=dev, dtype=dt).requires_grad_()
-    cls = torch.randn(1, 1, D, device=dev, dtype=dt).requires_grad_()
-    pos = torch.randn(1, n + 1, D, device=dev, dtype=dt).requires_grad_()
-    params = (w, b, cls, pos)
-    grad = torch.randn(B, n + 1, D, device=dev, dtype=dt)
-    flops = 2 * B * n * D * C * p * p
-    io = x.numel() * 2 + grad.numel() * 2 + w.numel() * 2 + pos.numel() * 2
+    def inputs():
+        dev, dt = "cuda", torch.bfloat16
 
-    def timm_style():
-        y = F.conv2d(x, w, b, stride=p).flatten(2).transpose(1, 2)
-        return torch.cat([cls.expand(B, -1, -1), y], dim=1) + pos
+        def p(t):
+            return t.to(dev, dt).requires_grad_()
 
-    def linear_style():
-        patches = x.reshape(B, C, S // p, p, S // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, n, C * p * p)
-        y = F.linear(patches, w.reshape(D, -1), b)
-        return torch.cat([cls.expand(B, -1, -1), y], dim=1) + pos
+        return SimpleNamespace(
+            x=torch.randn(B, C, S, S, device=dev, dtype=dt), w=p(torch.randn(D, K) * 0.02), b=p(torch.zeros(D)),
+            g1=p(torch.ones(K)), b1=p(torch.zeros(K)), g2=p(torch.ones(D)), b2=p(torch.zeros(D)),
+            cls=p(torch.randn(1, D)), pos=p(torch.randn(N + 1, D)),
+            grad=torch.randn(B, N + 1, D, device=dev, dtype=dt) if backward else None,
+        )
 
-    def fused():
-        with use_backend({"embed": "triton"}):
-            return ops.patch_embed(x, w, b, p, pos, cls)
+    def eager(i):
+        patches = i.x.reshape(B, C, S // P, P, S // P, P).permute(0, 2, 4, 3, 5, 1).reshape(B, N, K)
+        y = F.layer_norm(F.linear(F.layer_norm(patches, (K,), i.g1, i.b1), i.w, i.b), (D,), i.g2, i.b2)
+        return torch.cat([i.cls.expand(B, 1, D), y], dim=1) + i.pos
 
-    variants = [("timm Conv2d+flatten+cat+add", timm_style, True), ("Linear on reshaped patches+cat+add", linear_style, True)]
-    if compile_:
-        variants += [("torch.compile(timm)", torch.compile(timm_style), True),
-                     ("torch.compile(linear)", torch.compile(linear_style), True)]
-    variants.append(("fastvit triton", fused, False))
-    case = f"patch_embed ViT-B/16 B={B} fwd"
-    for name, fn, base in variants:
-        with torch.no_grad():
-            _measure(rows, case, name, fn, flops, io, base)
-    case = f"patch_embed ViT-B/16 B={B} fwd+bwd"
-    for name, fn, base in variants:
-        _measure(rows, case, name, _grad_step(fn, params, grad), 2 * flops, 2 * io, base)
+    def fused(i):
+        from fastvit import ops
+
+        return ops.patch_embed(i.x, i.w, i.b, P, i.pos, i.cls, patch_order="hwc", pre_norm=True, pre_norm_weight=i.g1,
+                               pre_norm_bias=i.b1, post_norm=True, post_norm_weight=i.g2, post_norm_bias=i.b2)
+
+    flops = 2.0 * B * N * D * K
+    io = 2.0 * (B * C * S * S + B * (N + 1) * D + D * K + (N + 1) * D)
+    variants = _variants({"einops+LN+Linear+LN+cat+add": eager}, fused, "patch_embed", backward,
+                         lambda i: [i.w, i.b, i.g1, i.b1, i.g2, i.b2, i.cls, i.pos])
+    return Case(FAMILY, "vit-pytorch patch embed ViT-B/16", {"B": B, "C": C, "img": S, "patch": P, "D": D}, "bf16",
+                "fwd+bwd" if backward else "fwd", inputs, variants,
+                flops=flops * (2 if backward else 1), bytes=io * (2 if backward else 1))
 
 
-def bench_vit_pytorch_form(rows, B, compile_):
-    from fastvit import ops, use_backend
-
-    dev, dt = DEVICE, torch.bfloat16
-    C, S, p, D = 3, 224, 16, 768
-    n, K = (S // p) ** 2, C * p * p
-    x = torch.randn(B, C, S, S, device=dev, dtype=dt)
-    w = (torch.randn(D, K, device=dev, dtype=dt) * 0.02).requires_grad_()
-    b = torch.zeros(D, device=dev, dtype=dt).requires_grad_()
-    g1, b1 = torch.ones(K, device=dev, dtype=dt).requires_grad_(), torch.zeros(K, device=dev, dtype=dt).requires_grad_()
-    g2, b2 = torch.ones(D, device=dev, dtype=dt).requires_grad_(), torch.zeros(D, device=dev, dtype=dt).requires_grad_()
-    cls = torch.randn(1, D, device=dev, dtype=dt).requires_grad_()
-    pos = torch.randn(n + 1, D, device=dev, dtype=dt).requires_grad_()
-    params = (w, b, g1, b1, g2, b2, cls, pos)
-    grad = torch.randn(B, n + 1, D, device=dev, dtype=dt)
-    flops = 2 * B * n * D * K
-    io = x.numel() * 2 + grad.numel() * 2 + w.numel() * 2 + pos.numel() * 2
-
-    def eager():
-        patches = x.reshape(B, C, S // p, p, S // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, n, K)
-        y = F.layer_norm(F.linear(F.layer_norm(patches, (K,), g1, b1), w, b), (D,), g2, b2)
-        return torch.cat([cls.expand(B, 1, D), y], dim=1) + pos
-
-    def fused():
-        with use_backend({"embed": "triton"}):
-            return ops.patch_embed(x, w, b, p, pos, cls, patch_order="hwc", pre_norm=True, pre_norm_weight=g1,
-                                   pre_norm_bias=b1, post_norm=True, post_norm_weight=g2, post_norm_bias=b2)
-
-    variants = [("einops+LN+Linear+LN+cat+add", eager, True)]
-    if compile_:
-        variants.append(("torch.compile(eager)", torch.compile(eager), True))
-    variants.append(("fastvit triton", fused, False))
-    for name, fn, base in variants:
-        with torch.no_grad():
-            _measure(rows, f"vit-pytorch patch embed B={B} fwd", name, fn, flops, io, base)
-    for name, fn, base in variants:
-        _measure(rows, f"vit-pytorch patch embed B={B} fwd+bwd", name, _grad_step(fn, params, grad), 2 * flops, 2 * io, base)
+# T2T-ViT-14's three soft splits: channels, map size, kernel, stride, padding; the image needs no gradient
+SPLITS = [(3, 224, 7, 4, 2), (64, 56, 3, 2, 1), (64, 28, 3, 2, 1)]
 
 
-def bench_soft_split(rows, B, compile_):
-    from fastvit import ops, use_backend
-    from fastvit.ops.embed import soft_split_layer_norm
+def _soft_split_case(B: int, Cs: int, Ss: int, k: int, s: int, p: int, with_ln: bool, backward: bool) -> Case:
+    L, Fdim = ((Ss + 2 * p - k) // s + 1) ** 2, Cs * k * k
+    x_grad = Cs != 3
 
-    dev, dt = DEVICE, torch.bfloat16
-    for C, S, k, s, p, x_grad in ((3, 224, 7, 4, 2, False), (64, 56, 3, 2, 1, True), (64, 28, 3, 2, 1, True)):
-        if C == 3:
-            x = torch.randn(B, C, S, S, device=dev, dtype=dt)
-        else:  # as T2T-ViT builds it: a (B, HW, C) token tensor viewed as a map (channels_last strides)
-            x = torch.randn(B, S * S, C, device=dev, dtype=dt).transpose(1, 2).reshape(B, C, S, S)
-        x.requires_grad_(x_grad)
-        L, Fdim = ((S + 2 * p - k) // s + 1) ** 2, C * k * k
-        wln = torch.ones(Fdim, device=dev, dtype=dt).requires_grad_()
-        bln = torch.zeros(Fdim, device=dev, dtype=dt).requires_grad_()
-        grad = torch.randn(B, L, Fdim, device=dev, dtype=dt)
-        io = x.numel() * 2 + grad.numel() * 2
-        unfold = torch.nn.Unfold(k, stride=s, padding=p)
+    def inputs():
+        dev, dt = "cuda", torch.bfloat16
+        if x_grad:  # as T2T-ViT builds it: a (B, HW, C) token tensor viewed as a map (channels_last strides)
+            x = torch.randn(B, Ss * Ss, Cs, device=dev, dtype=dt).transpose(1, 2).reshape(B, Cs, Ss, Ss)
+        else:
+            x = torch.randn(B, Cs, Ss, Ss, device=dev, dtype=dt)
+        return SimpleNamespace(
+            x=x.requires_grad_(x_grad and backward),
+            w=torch.ones(Fdim, device=dev, dtype=dt).requires_grad_(),
+            b=torch.zeros(Fdim, device=dev, dtype=dt).requires_grad_(),
+            grad=torch.randn(B, L, Fdim, device=dev, dtype=dt) if backward else None,
+        )
 
-        def split_eager(x=x, unfold=unfold):
-            return unfold(x).transpose(1, 2)
+    def unfold(i):
+        y = F.unfold(i.x, k, stride=s, padding=p).transpose(1, 2)
+        return F.layer_norm(y, (Fdim,), i.w, i.b) if with_ln else y
 
-        def split_ln_eager(x=x, unfold=unfold, wln=wln, bln=bln, Fdim=Fdim):
-            return F.layer_norm(unfold(x).transpose(1, 2), (Fdim,), wln, bln)
+    def fused(i):
+        from fastvit import ops
+        from fastvit.ops.embed import soft_split_layer_norm
 
-        def split_fused(x=x, k=k, s=s, p=p):
-            with use_backend({"embed": "triton"}):
-                return ops.soft_split(x, k, s, p)
+        return soft_split_layer_norm(i.x, k, s, p, i.w, i.b) if with_ln else ops.soft_split(i.x, k, s, p)
 
-        def split_ln_fused(x=x, k=k, s=s, p=p, wln=wln, bln=bln):
-            with use_backend({"embed": "triton"}):
-                return soft_split_layer_norm(x, k, s, p, wln, bln)
-
-        tag = f"k{k}s{s}p{p} ({B}, {C}, {S}, {S})"
-        for label, eager, fused, params in (
-            (f"soft_split {tag}", split_eager, split_fused, (x,) if x_grad else ()),
-            (f"soft_split+LayerNorm {tag}", split_ln_eager, split_ln_fused, ((x,) if x_grad else ()) + (wln, bln)),
-        ):
-            variants = [("nn.Unfold+transpose" + ("+F.layer_norm" if "Layer" in label else ""), eager, True)]
-            if compile_:
-                variants.append(("torch.compile(eager)", torch.compile(eager), True))
-            variants.append(("fastvit triton", fused, False))
-            for name, fn, base in variants:
-                with torch.no_grad():
-                    _measure(rows, f"{label} fwd", name, fn, 0, io, base)
-            if params:
-                for name, fn, base in variants:
-                    _measure(rows, f"{label} fwd+bwd", name, _grad_step(fn, params, grad), 0, 2 * io, base)
+    fn = "soft_split_layer_norm" if with_ln else "soft_split"
+    eager_name = "nn.Unfold+transpose" + ("+F.layer_norm" if with_ln else "")
+    variants = _variants({eager_name: unfold}, fused, fn, backward, lambda i: [i.x] + ([i.w, i.b] if with_ln else []))
+    io = 2.0 * (B * Cs * Ss * Ss + B * L * Fdim)
+    return Case(FAMILY, f"{'soft_split+LayerNorm' if with_ln else 'soft_split'} k{k}s{s}p{p}",
+                {"B": B, "C": Cs, "H": Ss, "W": Ss, "L": L, "F": Fdim}, "bf16", "fwd+bwd" if backward else "fwd",
+                inputs, variants, bytes=io * (2 if backward else 1))
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
-    ap.add_argument("--no-save", action="store_true", help="print only, write nothing under benchmarks/results")
-    ap.add_argument("--only", choices=("patch", "vit-pytorch", "soft-split"), default=None)
-    args = ap.parse_args(argv)
-    if not gpu_available("bench_embed"):
-        return 0
-    torch.backends.cuda.matmul.allow_tf32 = False
-    rows: list[dict] = []
-    if args.only in (None, "patch"):
-        bench_patch_embed(rows, args.batch, not args.no_compile)
-    if args.only in (None, "vit-pytorch"):
-        bench_vit_pytorch_form(rows, args.batch, not args.no_compile)
-    if args.only in (None, "soft-split"):
-        bench_soft_split(rows, args.batch, not args.no_compile)
-    _ratios(rows)
-    columns = ["case", "variant", "median_ms", "p20_ms", "p80_ms", "TFLOP/s", "GB/s", "% of roofline", "x best baseline"]
-    print(markdown_table(rows, columns))
-    if not args.no_save:
-        print(f"saved {save('embed', rows, columns)}")
-    return 0
+def cases(quick: bool = False) -> Iterator[Case]:
+    """patch_embed (timm's and vit-pytorch's forms) at ViT-B/16, batch 256; T2T-ViT-14's soft splits
+    (the first only when ``quick``), alone and with the LayerNorm; fwd, and fwd+bwd where something
+    needs a gradient."""
+    for backward in (False, True):
+        yield _patch_embed_case(BATCH, backward)
+        yield _vit_pytorch_case(BATCH, backward)
+    for split in SPLITS[:1] if quick else SPLITS:
+        for with_ln in (False, True):
+            for backward in (False, True):
+                if backward and split[0] == 3 and not with_ln:
+                    continue  # nothing to differentiate
+                yield _soft_split_case(BATCH, *split, with_ln, backward)
+
+
+def smoke_checks() -> Iterator[SmokeCheck]:
+    """patch_embed of (2, 3, 32, 32) images, patch 8, D 64, cls and pos; soft_split k7s4p2 of the same."""
+    from fastvit import ops
+
+    def patch_embed(dtype, device):
+        x = draw(2, 3, 32, 32, dtype=dtype, device=device, grad=False)
+        w, b = draw(64, 3, 8, 8, dtype=dtype, device=device, scale=0.1), draw(64, dtype=dtype, device=device)
+        cls, pos = draw(1, 1, 64, dtype=dtype, device=device), draw(1, 17, 64, dtype=dtype, device=device)
+        return (lambda: ops.patch_embed(x, w, b, 8, pos, cls)), [w, b, cls, pos]
+
+    def soft_split(dtype, device):
+        x = draw(2, 3, 32, 32, dtype=dtype, device=device)
+        return (lambda: ops.soft_split(x, 7, 4, 2)), [x]
+
+    yield SmokeCheck(FAMILY, "patch_embed", {"B": 2, "C": 3, "img": 32, "patch": 8, "D": 64}, patch_embed)
+    yield SmokeCheck(FAMILY, "soft_split k7s4p2", {"B": 2, "C": 3, "H": 32, "W": 32}, soft_split)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks --families embed [options]``."""
+    from benchmarks.runner import main as run
+
+    return run(["--families", FAMILY, *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ rows = 50432; C = 384 / 768 / 1024, hidden 4C), forward and forward+backward, bf
 same weights: eager ``nn.LayerNorm`` + ``nn.Linear`` + ``nn.GELU`` + ``nn.Linear`` + residual add, and
 ``torch.compile`` of that module. Also ``layer_norm`` alone (fastvit vs ``F.layer_norm`` / compiled).
 "fwd" is inference (``no_grad``: fastvit's ``_infer`` op, nothing saved); "fwd+bwd" is a training step's
-forward and backward. CUDA events (``triton.testing.do_bench``: median, p20/p80), after untimed calls
-that compile and autotune.
+forward and backward. CUDA events (``common.cuda_time``: median, p20/p80), after untimed calls
+that compile and autotune. fastvit runs on every backend that implements the op here (triton; cuda
+once the extension registers it).
 
 Roofline for ViT-B/16 (M = 50432 rows, C = 768, H = 3072, pure bf16), H100 SXM at 989 TFLOP/s dense
 bf16 and 3.35 TB/s:
@@ -26,22 +27,25 @@ bf16 and 3.35 TB/s:
 Expected: the Triton GEMMs reach roughly 550-700 TFLOP/s at these shapes (pointer loads, no TMA),
 against cuBLAS's ~700; fused forward+backward ~2.3-2.6 ms at ViT-B vs eager ~2.9-3.2 ms (issue
 target >= 1.2x eager, >= 1.05x torch.compile, which fuses the elementwise work but keeps cuBLAS
-GEMMs and their separate bias/GELU passes). ``pct_roofline`` is the compute floor over the measured time.
+GEMMs and their separate bias/GELU passes). ``pct_roofline`` is the floor (measured peaks) over the measured time.
 
-``python -m benchmarks.bench_mlp`` prints one line and exits 0 on a machine without a GPU.
+``python -m benchmarks.bench_mlp`` is ``python -m benchmarks --families mlp``: without a GPU it says so
+and runs the family's CPU smoke checks.
 """
 
 from __future__ import annotations
 
-import contextlib
+import sys
+from collections.abc import Iterator
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
-from benchmarks.common import gpu_available, markdown_table, save, time_ms
+from benchmarks.common import Case, Variant, fused_backends, make_step
+from benchmarks.smoke import SmokeCheck, draw
 
-PEAK_TFLOPS = 989.0
-
+FAMILY = "mlp"
 # name, rows (batch 256 x 197 tokens), C, hidden
 SHAPES = [
     ("ViT-S/16", 256 * 197, 384, 1536),
@@ -79,118 +83,110 @@ class FastvitMLP(nn.Module):
                                  eps=e.norm.eps, residual=x)
 
 
-def timed(fn) -> dict[str, float]:
-    """time_ms after three untimed calls (torch.compile's compilation and Triton's autotuning happen
-    there, not inside do_bench's run-time estimate)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    return time_ms(fn)
-
-
 def mlp_flops(rows: int, C: int, hidden: int, backward: bool) -> float:
+    """The two GEMMs: 4 rows C hidden forward, 3x that forward + backward."""
     return 4.0 * rows * C * hidden * (3.0 if backward else 1.0)
 
 
-def _step(model, x, backward: bool, ctx):
-    def run():
-        with ctx():
-            y = model(x)
-        if backward:
-            y.backward(torch.ones_like(y))
-    return run
+def mlp_bytes(rows: int, C: int, hidden: int, backward: bool) -> float:
+    """The fused chain's bf16 traffic (docstring): inference 6 MC + 2 MH; training forward 6 MC + 3 MH
+    plus backward 8 MC + 5 MH."""
+    mc, mh = 2.0 * rows * C, 2.0 * rows * hidden
+    return 14 * mc + 8 * mh if backward else 6 * mc + 2 * mh
 
 
-def bench_mlp(name, rows, C, hidden, mode: str) -> list[dict]:
-    import fastvit
+def _mlp_case(name: str, rows: int, C: int, hidden: int, dtype: str, backward: bool) -> Case:
+    autocast = dtype == "bf16 autocast"
+    pdt = torch.float32 if autocast else torch.bfloat16
 
-    dt = torch.bfloat16
-    pdt = dt if mode == "pure" else torch.float32
-    eager = EagerMLP(C, hidden).to("cuda", pdt)
-    fused = FastvitMLP(eager)
-    compiled = torch.compile(eager)  # same parameters
-
-    def ctx():
-        return torch.autocast("cuda", dtype=dt) if mode == "autocast" else contextlib.nullcontext()
-
-    rows_out = []
-    for backward in (False, True):
+    def inputs():
+        model = EagerMLP(C, hidden).to("cuda", pdt)
         x = torch.randn(rows // 197, 197, C, device="cuda", dtype=pdt, requires_grad=backward)
-        results = {}
-        with fastvit.use_backend({"mlp": "triton"}):
-            with torch.no_grad() if not backward else contextlib.nullcontext():
-                results["fastvit"] = timed(_step(fused, x, backward, ctx))
-        with torch.no_grad() if not backward else contextlib.nullcontext():
-            results["eager"] = timed(_step(eager, x, backward, ctx))
-            results["compile"] = timed(_step(compiled, x, backward, ctx))
-        fl = mlp_flops(rows, C, hidden, backward)
-        floor_ms = fl / (PEAK_TFLOPS * 1e12) * 1e3
-        for impl, t in results.items():
-            rows_out.append({
-                "op": "layernorm_mlp", "shape": name, "rows": rows, "C": C, "hidden": hidden, "mode": mode,
-                "pass": "fwd+bwd" if backward else "fwd", "impl": impl, **t,
-                "tflops": fl / (t["median_ms"] * 1e-3) / 1e12,
-                "x_vs_eager": results["eager"]["median_ms"] / t["median_ms"],
-                "x_vs_compile": results["compile"]["median_ms"] / t["median_ms"],
-                "pct_roofline": 100.0 * floor_ms / t["median_ms"],
-            })
-    return rows_out
+        return SimpleNamespace(model=model, x=x, grad=torch.randn_like(x) if backward else None)
+
+    def step(i, module):
+        return make_step(lambda: module(i.x), backward, [i.x, *i.model.parameters()], i.grad, autocast)
+
+    variants = {
+        "eager": Variant(lambda i: step(i, i.model), baseline=True),
+        "torch.compile": Variant(lambda i: step(i, torch.compile(i.model)), baseline=True),
+    }
+    for b in fused_backends("layernorm_mlp"):
+        variants[f"fastvit[{b}]"] = Variant(lambda i: step(i, FastvitMLP(i.model)), backends={FAMILY: b})
+    return Case(FAMILY, f"layernorm_mlp {name}", {"rows": rows, "C": C, "hidden": hidden}, dtype,
+                "fwd+bwd" if backward else "fwd", inputs, variants,
+                flops=mlp_flops(rows, C, hidden, backward), bytes=mlp_bytes(rows, C, hidden, backward))
 
 
-def bench_layer_norm(name, rows, C) -> list[dict]:
-    import fastvit
+def _layer_norm_case(name: str, rows: int, C: int, backward: bool) -> Case:
+    import torch.nn.functional as F
+
+    def eager(x, w, b):
+        return F.layer_norm(x, (C,), w, b, 1e-6)
+
+    def inputs():
+        w, b = (torch.randn(C, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+        x = torch.randn(rows, C, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+        return SimpleNamespace(x=x, w=w, b=b, grad=torch.randn_like(x) if backward else None)
+
+    def step(i, fn):
+        return make_step(lambda: fn(i.x, i.w, i.b), backward, [i.x, i.w, i.b], i.grad)
+
+    def fused(x, w, b):
+        from fastvit import ops
+
+        return ops.layer_norm(x, w, b, 1e-6)
+
+    variants = {
+        "eager": Variant(lambda i: step(i, eager), baseline=True),
+        "torch.compile": Variant(lambda i: step(i, torch.compile(eager)), baseline=True),
+    }
+    for b in fused_backends("layer_norm"):
+        variants[f"fastvit[{b}]"] = Variant(lambda i: step(i, fused), backends={FAMILY: b})
+    # bytes: x in, y out (+ dy in, dx out backward), bf16
+    return Case(FAMILY, f"layer_norm {name}", {"rows": rows, "C": C}, "bf16", "fwd+bwd" if backward else "fwd",
+                inputs, variants, bytes=rows * C * 2.0 * (4 if backward else 2))
+
+
+def cases(quick: bool = False) -> Iterator[Case]:
+    """LayerNorm-MLP at ViT-S/B/L (ViT-B only when ``quick``), pure bf16 and autocast, fwd and fwd+bwd;
+    LayerNorm alone, pure bf16."""
+    for name, rows, C, hidden in SHAPES[1:2] if quick else SHAPES:
+        for dtype in ("bf16", "bf16 autocast"):
+            for backward in (False, True):
+                yield _mlp_case(name, rows, C, hidden, dtype, backward)
+        for backward in (False, True):
+            yield _layer_norm_case(name, rows, C, backward)
+
+
+def smoke_checks() -> Iterator[SmokeCheck]:
+    """layer_norm on (7, 64); layernorm_mlp on (7, 64), hidden 256, residual fused."""
     from fastvit import ops
 
-    dt = torch.bfloat16
-    w = torch.randn(C, device="cuda", dtype=dt, requires_grad=True)
-    b = torch.randn(C, device="cuda", dtype=dt, requires_grad=True)
-    f_eager = torch.nn.functional.layer_norm
-    f_comp = torch.compile(lambda x, w, b: f_eager(x, (C,), w, b, 1e-6))
-    out = []
-    for backward in (False, True):
-        x = torch.randn(rows, C, device="cuda", dtype=dt, requires_grad=backward)
+    def layer_norm(dtype, device):
+        x = draw(7, 64, dtype=dtype, device=device)
+        w, b = draw(64, dtype=dtype, device=device), draw(64, dtype=dtype, device=device)
+        return (lambda: ops.layer_norm(x, w, b, 1e-6)), [x, w, b]
 
-        def mk(fn):
-            def run():
-                y = fn(x)
-                if backward:
-                    y.backward(torch.ones_like(y))
-            return run
+    def layernorm_mlp(dtype, device):
+        C, H = 64, 256
+        x = draw(7, C, dtype=dtype, device=device)
+        ln_w, ln_b = draw(C, dtype=dtype, device=device), draw(C, dtype=dtype, device=device)
+        w1, b1 = draw(H, C, dtype=dtype, device=device, scale=C**-0.5), draw(H, dtype=dtype, device=device)
+        w2, b2 = draw(C, H, dtype=dtype, device=device, scale=H**-0.5), draw(C, dtype=dtype, device=device)
+        leaves = [x, ln_w, ln_b, w1, b1, w2, b2]
+        return (lambda: ops.layernorm_mlp(x, ln_w, ln_b, w1, b1, w2, b2, eps=1e-6, residual=x)), leaves
 
-        grad_ctx = contextlib.nullcontext() if backward else torch.no_grad()
-        with grad_ctx:
-            with fastvit.use_backend({"mlp": "triton"}):
-                res = {"fastvit": timed(mk(lambda x: ops.layer_norm(x, w, b, 1e-6)))}
-            res["eager"] = timed(mk(lambda x: f_eager(x, (C,), w, b, 1e-6)))
-            res["compile"] = timed(mk(lambda x: f_comp(x, w, b)))
-        # bytes: x in, y out (+ dy in, dx out backward), bf16
-        nbytes = rows * C * 2 * (4 if backward else 2)
-        for impl, t in res.items():
-            out.append({
-                "op": "layer_norm", "shape": name, "rows": rows, "C": C, "mode": "pure",
-                "pass": "fwd+bwd" if backward else "fwd", "impl": impl, **t,
-                "gbps": nbytes / (t["median_ms"] * 1e-3) / 1e9,
-                "x_vs_eager": res["eager"]["median_ms"] / t["median_ms"],
-                "x_vs_compile": res["compile"]["median_ms"] / t["median_ms"],
-            })
-    return out
+    yield SmokeCheck(FAMILY, "layer_norm", {"rows": 7, "C": 64}, layer_norm)
+    yield SmokeCheck(FAMILY, "layernorm_mlp", {"rows": 7, "C": 64, "hidden": 256}, layernorm_mlp)
 
 
-def main() -> None:
-    if not gpu_available("bench_mlp"):
-        return
-    torch.backends.cuda.matmul.allow_tf32 = False
-    rows: list[dict] = []
-    for name, m, C, hidden in SHAPES:
-        for mode in ("pure", "autocast"):
-            rows += bench_mlp(name, m, C, hidden, mode)
-            print(f"{name} {mode}: done", flush=True)
-        rows += bench_layer_norm(name, m, C)
-    cols = ["op", "shape", "mode", "pass", "impl", "median_ms", "p20_ms", "p80_ms", "tflops", "gbps",
-            "x_vs_eager", "x_vs_compile", "pct_roofline"]
-    print(markdown_table(rows, cols))
-    print(f"saved {save('bench_mlp', rows, cols)}")
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks --families mlp [options]``."""
+    from benchmarks.runner import main as run
+
+    return run(["--families", FAMILY, *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,7 +4,7 @@ eager formulation (einsums, float32 features, under bf16 autocast) and torch.com
 Shapes: T2T-ViT-14's two token-to-token layers at batch 128, emb 64, m 32:
 (B=128, T=3136, dim=147) and (B=128, T=784, dim=576). Forward (no grad) and forward+backward (gradients
 to x and every trainable parameter), dropout 0 and 0.1; median ms (p20/p80), ratio to each baseline, and
-peak memory above the inputs.
+peak memory above the inputs (``step_mem_gib``); fastvit on every backend that implements the op here.
 
 Roofline (H100 SXM: ~989 TFLOP/s dense bf16, ~3.35 TB/s HBM; bytes per kernels/performer.py's
 docstring, X = x's bytes, O = one (B, T, 64) bf16 tensor):
@@ -19,21 +19,22 @@ fp32 (B, T, m) and (B, T, emb) intermediates for the backward. Expected: within 
 >= 3x eager (the issue's target) and <= 0.5x its peak memory; torch.compile fuses the elementwise
 chain but not the reductions into the GEMMs, so fastvit should still lead it by >= 1.5x.
 
-``python -m benchmarks.bench_performer`` prints one line and exits 0 without a GPU;
-``--bytes`` prints the byte model (no GPU needed).
+``python -m benchmarks.bench_performer`` is ``python -m benchmarks --families performer`` (without a GPU:
+the family's CPU smoke checks); ``--bytes`` prints the byte model (no GPU needed).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
+from collections.abc import Iterator
 
 import torch
 
-from benchmarks.common import gpu_available, save, time_ms
+from benchmarks.common import Case, Variant, fused_backends, make_step
+from benchmarks.smoke import SmokeCheck, draw
 
-NAME = "performer"
+FAMILY = "performer"
 EMB, M = 64, 32
 SHAPES = [(128, 3136, 147), (128, 784, 576)]
 
@@ -127,88 +128,86 @@ def print_bytes() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# GPU timing
+# Cases
 # ------------------------------------------------------------------------------------------------
 
 
-def _runner(impl, inputs, train, dropout_p):
-    import fastvit
+def _case(B: int, T: int, dim: int, train: bool, dropout_p: float) -> Case:
+    """fp32 activations and parameters under bf16 autocast, as a T2T-ViT trains; gradients to x and
+    every trainable parameter."""
+    trainable = ("x", "kqv_weight", "kqv_bias", "proj_weight", "proj_bias")
 
-    params = [inputs[k] for k in ("kqv_weight", "kqv_bias", "proj_weight", "proj_bias")]
-    wrt = [inputs["x"], *params]
+    def inputs():
+        inp = make_inputs(B, T, dim)
+        if train:
+            for k in trainable:
+                inp[k].requires_grad_()
+        return inp
 
-    def fwd():
-        if impl == "fastvit":
-            with fastvit.use_backend({"performer": "triton"}):
-                return fastvit.ops.performer_attention(**inputs, dropout_p=dropout_p)
-        return official_single_attn(**inputs, dropout_p=dropout_p)
+    def official(inp):
+        return official_single_attn(**inp, dropout_p=dropout_p)
 
-    fn = fwd if impl != "compile" else torch.compile(fwd)
+    def fused(inp):
+        import fastvit
 
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            if not train:
-                with torch.no_grad():
-                    return fn()
-            out = fn()
-        return torch.autograd.grad(out, wrt, torch.ones_like(out))
+        return fastvit.ops.performer_attention(**inp, dropout_p=dropout_p)
 
-    return step, wrt
+    def variant(f, compile_: bool = False, **kw) -> Variant:
+        def make(inp):
+            g = torch.compile(f) if compile_ else f
+            grad = torch.ones(B, T, EMB, device="cuda") if train else None
+            return make_step(lambda: g(inp), train, [inp[k] for k in trainable], grad, autocast=True)
 
+        return Variant(make, **kw)
 
-def bench_one(impl, B, T, dim, train, dropout_p):
-    inputs = make_inputs(B, T, dim)
-    if train:
-        for k in ("x", "kqv_weight", "kqv_bias", "proj_weight", "proj_bias"):
-            inputs[k].requires_grad_()
-    step, _ = _runner(impl, inputs, train, dropout_p)
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    t = time_ms(step)
-    return {**t, "peak_mb": peak / 2**20}
+    variants = {
+        "official eager": variant(official, baseline=True),
+        "torch.compile(official)": variant(official, compile_=True, baseline=True),
+    }
+    for b in fused_backends("performer_attention"):
+        variants[f"fastvit[{b}]"] = variant(fused, backends={FAMILY: b})
+    ff, fb = fastvit_bytes(B, T, dim, training=True)
+    nbytes = ff + fb if train else fastvit_bytes(B, T, dim, training=False)[0]
+    name = f"performer_attention T{T} dim{dim}" + (f" dropout {dropout_p}" if dropout_p else "")
+    return Case(FAMILY, name, {"B": B, "T": T, "dim": dim, "emb": EMB, "m": M},
+                "bf16 autocast", "fwd+bwd" if train else "fwd", inputs, variants, bytes=nbytes, memory=True,
+                notes={"dropout_p": dropout_p})
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bytes", action="store_true", help="print the byte model (no GPU needed) and exit")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    args = parser.parse_args(argv)
-    if args.bytes:
+def cases(quick: bool = False) -> Iterator[Case]:
+    """Both T2T-ViT-14 layers (the first only when ``quick``): forward, forward+backward at dropout 0
+    and 0.1."""
+    for B, T, dim in SHAPES[:1] if quick else SHAPES:
+        for train, dropout_p in ((False, 0.0), (True, 0.0), (True, 0.1)):
+            yield _case(B, T, dim, train, dropout_p)
+
+
+def smoke_checks() -> Iterator[SmokeCheck]:
+    """performer_attention on (2, 49, 147), emb 64, m 32 (T2T-ViT's first layer, 7 x 7 tokens)."""
+    from fastvit import ops
+
+    def performer(dtype, device):
+        w = torch.nn.init.orthogonal_(torch.empty(M, EMB)) * math.sqrt(M)
+        x = draw(2, 49, 147, dtype=dtype, device=device)
+        kqv_w = draw(3 * EMB, 147, dtype=dtype, device=device, scale=147**-0.5)
+        kqv_b = draw(3 * EMB, dtype=dtype, device=device, scale=0.02)
+        proj_w = draw(EMB, EMB, dtype=dtype, device=device, scale=EMB**-0.5)
+        proj_b = draw(EMB, dtype=dtype, device=device, scale=0.02)
+        w = w.to(device=device, dtype=dtype)
+        return (lambda: ops.performer_attention(x, kqv_w, kqv_b, w, proj_w, proj_b)), [x, kqv_w, kqv_b, proj_w, proj_b]
+
+    yield SmokeCheck(FAMILY, "performer_attention", {"B": 2, "T": 49, "dim": 147, "emb": EMB, "m": M}, performer)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks --families performer [options]``; ``--bytes`` prints the byte model."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--bytes" in argv:
         print_bytes()
         return 0
-    if not gpu_available(f"bench_{NAME}"):
-        return 0
-    impls = ["eager"] + ([] if args.no_compile else ["compile"]) + ["fastvit"]
-    rows = []
-    for B, T, dim in SHAPES:
-        ef, eb = eager_bytes(B, T, dim)
-        ff, fb = fastvit_bytes(B, T, dim, training=True)
-        for train, dropout_p in ((False, 0.0), (True, 0.0), (True, 0.1)):
-            res = {impl: bench_one(impl, B, T, dim, train, dropout_p) for impl in impls}
-            floor_ms = ((ff + fb) if train else fastvit_bytes(B, T, dim, training=False)[0]) / 3.35e9
-            for impl in impls:
-                r = res[impl]
-                row = {"shape": f"B{B} T{T} dim{dim}", "pass": "fwd+bwd" if train else "fwd", "dropout": dropout_p,
-                       "impl": impl, **r, "vs_eager": res["eager"]["median_ms"] / r["median_ms"],
-                       "mem_vs_eager": r["peak_mb"] / max(res["eager"]["peak_mb"], 1e-9),
-                       "floor_ms": floor_ms, "pct_of_floor": 100 * floor_ms / r["median_ms"],
-                       "eager_bytes_model_mb": (ef + (eb if train else 0)) / 1e6}
-                if "compile" in res:
-                    row["vs_compile"] = res["compile"]["median_ms"] / r["median_ms"]
-                rows.append(row)
-                print(f"{row['shape']} {row['pass']:8s} p={dropout_p} {impl:8s} {r['median_ms']:8.3f} ms "
-                      f"(p20 {r['p20_ms']:.3f}, p80 {r['p80_ms']:.3f}) {row['vs_eager']:5.2f}x eager "
-                      f"peak {r['peak_mb']:8.1f} MiB ({row['mem_vs_eager']:.2f}x eager) floor {floor_ms:.3f} ms")
-    cols = ["shape", "pass", "dropout", "impl", "median_ms", "p20_ms", "p80_ms", "vs_eager", "vs_compile", "peak_mb",
-            "mem_vs_eager", "floor_ms", "pct_of_floor"]
-    print(save(NAME, rows, cols))
-    return 0
+    from benchmarks.runner import main as run
+
+    return run(["--families", FAMILY, *argv])
 
 
 if __name__ == "__main__":

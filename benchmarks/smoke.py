@@ -1,0 +1,111 @@
+"""The smoke mode: every family and a tiny model at tiny shapes, eager against fastvit's fused backends
+(on a machine without a GPU: the Triton interpreter on CPU), float32, correctness only — no timings.
+
+A check runs its forward and the backward to every input and parameter three times: the eager
+reference in float64 (``ref64``), the eager reference in float32, and each fused backend in float32,
+from the same float32 draws. Each output and gradient must satisfy the project's numerics rule
+(DESIGN.md, tests/numerics.py): ``max|fused - ref64| <= 2 max|eager - ref64| + 2 eps(fp32) max|ref64|``,
+NaN never passing; kernel outputs are NaN-poisoned before they are written, so a missed element fails.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+Build = Callable[[torch.dtype, str], tuple[Callable[[], torch.Tensor], Sequence[torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class SmokeCheck:
+    """``build(dtype, device)`` returns ``(forward, leaves)``: the computation and the tensors to
+    differentiate; it draws its data with :func:`draw` (or seeds modules from the global RNG), so the
+    three runs see the same values. ``families``: whose backend selection the fused runs switch
+    (default: ``family``)."""
+
+    family: str
+    name: str
+    shape: dict
+    build: Build
+    families: tuple[str, ...] = field(default=())
+
+
+def draw(*shape: int, dtype: torch.dtype, device: str, grad: bool = True, scale: float = 1.0) -> torch.Tensor:
+    """A leaf drawn in float32 from the global RNG, then cast to ``dtype`` (the float64 reference sees
+    the float32 values exactly)."""
+    t = (torch.randn(*shape) * scale).to(device=device, dtype=dtype)
+    return t.requires_grad_(grad)
+
+
+def _run(check: SmokeCheck, dtype: torch.dtype, device: str, backends: dict[str, str]) -> list[torch.Tensor | None]:
+    """[output, grad of each leaf] of one run, seeded so every run draws the same data."""
+    import fastvit
+
+    torch.manual_seed(0)
+    forward, leaves = check.build(dtype, device)
+    with fastvit.use_backend(backends):
+        y = forward()
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=y.dtype)
+        grads = torch.autograd.grad(y, list(leaves), g, allow_unused=True)
+    return [y.detach(), *grads]
+
+
+def _compare(fused, eager, ref) -> tuple[float, float, str | None]:
+    """The max error and tolerance of the output or gradient nearest to failing (largest error over
+    tolerance), and its name when it fails (NaN fails)."""
+    eps = torch.finfo(torch.float32).eps
+    rows = []
+    for i, (f, e, r) in enumerate(zip(fused, eager, ref)):
+        if r is None:
+            continue
+        what = "output" if i == 0 else f"grad {i - 1}"
+        if f is None:
+            rows.append((math.inf, math.nan, 0.0, f"{what} (missing)"))
+            continue
+        err = (f.double() - r).abs().max().item() if r.numel() else 0.0
+        tol = 2 * (e.double() - r).abs().max().item() + 2 * eps * r.abs().max().item() if r.numel() else 0.0
+        ratio = err / tol if tol > 0 else (0.0 if err == 0 else math.inf)
+        rows.append((math.inf if math.isnan(ratio) else ratio, err, tol, what))
+    ratio, err, tol, what = max(rows)
+    return err, tol, (what if ratio > 1 else None)
+
+
+def run_checks(checks: Iterable[SmokeCheck], device: str, progress: Callable = iter) -> list[dict]:
+    """One record per (check, fused backend): max error, tolerance, passed."""
+    from fastvit import _library
+
+    from benchmarks.common import backend_specs
+
+    records = []
+    _library.poison_outputs(True)
+    try:
+        for check in progress(list(checks)):
+            fams = check.families or (check.family,)
+            eager = dict.fromkeys(fams, "eager")
+            base = {"family": check.family, "case": check.name, "shape": check.shape, "dtype": "float32",
+                    "mode": "fwd+bwd", "device": device}
+            try:
+                ref = _run(check, torch.float64, device, eager)
+                ref_e = _run(check, torch.float32, device, eager)
+            except Exception as e:  # noqa: BLE001 -- recorded as a failure, the run goes on
+                records.append({**base, "variant": "eager", "passed": False, "error": f"{type(e).__name__}: {e}"})
+                continue
+            specs = backend_specs(fams)
+            if not specs:
+                records.append({**base, "variant": "-", "passed": True, "note": "no fused backend can run here"})
+            for b, spec in specs.items():
+                rec = {**base, "variant": f"fastvit[{b}]", "backends": spec}
+                try:
+                    err, tol, failed = _compare(_run(check, torch.float32, device, spec), ref_e, ref)
+                    rec.update(max_err=err, tol=tol, passed=failed is None)
+                    if failed:
+                        rec["error"] = f"{failed} exceeds the tolerance"
+                except Exception as e:  # noqa: BLE001
+                    rec.update(passed=False, error=f"{type(e).__name__}: {str(e).strip()[:200]}")
+                records.append(rec)
+    finally:
+        _library.poison_outputs(False)
+    return records
