@@ -1,5 +1,6 @@
-"""CUDA C++ sources (torch-free kernels per family, bindings.cpp), shipped as package data.
+"""The CUDA backend: C++/CUDA sources (torch-free kernels per family, bindings.cpp), shipped as
+package data, and per family the Python side of its ops (``fastvit.csrc.<family>``: fakes, autograd).
 
-fastvit._ext builds them on first use; this file only makes the folder importable as fastvit.csrc
-so that its location is found the same way from an editable install and from a wheel.
+fastvit._ext builds the sources on first use and then imports the family modules; importing one of
+them first loads (and if needed builds) the extension.
 """

@@ -115,7 +115,9 @@ def cutlass_include() -> pathlib.Path:
         inc = pathlib.Path(spec.origin).parent / "source" / "include"
         if (inc / "cutlass" / "cutlass.h").exists():
             return inc
-    raise ExtensionError("the CUTLASS headers were not found: pip install --no-deps nvidia-cutlass, or set CUTLASS_PATH")
+    raise ExtensionError(
+        'the CUTLASS headers were not found: pip install --no-deps "nvidia-cutlass>=4.2,<5", or set CUTLASS_PATH'
+    )
 
 
 def arch_list() -> list[str]:

@@ -26,6 +26,29 @@ def test_kernels_and_csrc_are_subpackages_of_fastvit():
     assert pathlib.Path(fastvit.kernels.__file__).parent.name == "kernels"
     csrc = importlib.resources.files("fastvit.csrc")
     assert csrc.is_dir() and (csrc / "__init__.py").is_file()
+    from fastvit import _ext
+
+    for name in _ext.SOURCES:
+        assert (csrc / name).is_file(), name
+
+
+def test_wheel_ships_the_cuda_sources(tmp_path):
+    """A wheel carries csrc/ as fastvit/csrc (sources and headers) and kernels/ as fastvit/kernels."""
+    import subprocess
+    import sys
+    import zipfile
+
+    from fastvit import _ext
+
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                           str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = tmp_path.glob("fastvit-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    headers = {p.name for p in (ROOT / "csrc").glob("*.cuh")}
+    for name in (*_ext.SOURCES, *headers, "mlp.py", "__init__.py"):
+        assert f"fastvit/csrc/{name}" in names, name
+    assert "fastvit/kernels/mlp.py" in names and "fastvit/_ext.py" in names
 
 
 @pytest.mark.parametrize("section", ["Quickstart", "Speed up an existing model", "Models"])
