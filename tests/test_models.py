@@ -418,17 +418,18 @@ def test_t2t_vit_14_params_and_official_keys(t2t_vit_14):
 
 
 def test_t2t_token_counts(t2t_vit_14):
-    counts = {}
+    """3136 and 784 tokens through the two Token_performers (soft split + norm1 fused), 196 after soft_split2."""
+    shapes = {}
     t2t = t2t_vit_14.tokens_to_token
-    hooks = [getattr(t2t, f"soft_split{i}").register_forward_hook(lambda m, a, out, i=i: counts.__setitem__(i, out.shape))
-             for i in range(3)]
+    mods = {"attention1": t2t.attention1, "attention2": t2t.attention2, "soft_split2": t2t.soft_split2}
+    hooks = [m.register_forward_hook(lambda m, a, out, k=k: shapes.__setitem__(k, out.shape)) for k, m in mods.items()]
     try:
         with torch.no_grad():
             feats = t2t_vit_14.forward_features(image(1, 224))
     finally:
         for h in hooks:
             h.remove()
-    assert counts == {0: (1, 3136, 147), 1: (1, 784, 576), 2: (1, 196, 576)}
+    assert shapes == {"attention1": (1, 3136, 64), "attention2": (1, 784, 64), "soft_split2": (1, 196, 576)}
     assert feats.shape == (1, 197, 384)
 
 

@@ -50,10 +50,10 @@ class T2TModule(nn.Module):
             raise ValueError(f"x must be an image batch (B, C, H, W), got shape {tuple(x.shape)}")
         B = x.shape[0]
         h, w = self.soft_split0.output_size(*x.shape[-2:])
-        x = self.attention1(self.soft_split0(x))
+        x = self.attention1(x, split=self.soft_split0)  # soft split + norm1 fused
         x = x.transpose(1, 2).reshape(B, x.shape[-1], h, w)
         h, w = self.soft_split1.output_size(h, w)
-        x = self.attention2(self.soft_split1(x))
+        x = self.attention2(x, split=self.soft_split1)
         x = x.transpose(1, 2).reshape(B, x.shape[-1], h, w)
         return self.project(self.soft_split2(x))
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from fastvit import ops
+from fastvit.nn.embed import SoftSplit
 from fastvit.nn.mlp import LayerNorm
 
 
@@ -42,8 +43,16 @@ class TokenPerformer(nn.Module):
             eps=self.epsilon, dropout_p=self.dp.p if self.training else 0.0,
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.single_attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, split: SoftSplit | None = None) -> torch.Tensor:
+        """x: (B, T, dim) tokens; or, with ``split``, the (B, C, H, W) map that ``split`` unfolds into
+        them: the soft split and ``norm1`` then run as one op (``soft_split_layer_norm``), which
+        never writes the un-normalised tokens."""
+        if split is None:
+            x = self.norm1(x)
+        else:
+            n = self.norm1
+            x = ops.soft_split_layer_norm(x, split.kernel_size, split.stride, split.padding, n.weight, n.bias, n.eps)
+        x = self.single_attn(x)
         fc1, fc2, drop = self.mlp[0], self.mlp[2], self.mlp[3]
         args = (self.norm2.weight, self.norm2.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.norm2.eps)
         if self.training and drop.p > 0:
