@@ -60,7 +60,10 @@ Tensor rows(const Tensor& t, int64_t align = 1) {
   const int64_t R = r.size(0), C = r.size(1);
   bool ok = C <= 1 || r.stride(1) == 1;
   if (align > 1) ok = ok && aligned16(r) && (R <= 1 || (r.stride(0) % align == 0 && r.stride(0) >= C));
-  return ok ? r : r.contiguous();
+  if (ok) return r;
+  r = r.contiguous();  // returns r itself when it is contiguous but starts misaligned: copy then
+  if (align > 1 && !aligned16(r)) r = r.clone(at::MemoryFormat::Contiguous);
+  return r;
 }
 
 // The row stride the launchers get for a (rows, C) matrix with unit column stride.
@@ -89,6 +92,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_run(const Tensor& x, const OptTens
   check_opt(op, "bias", bias, x, C);
   const mlp::DType xt = dtype_of(op, "x", x.scalar_type());
   const mlp::DType yt = dtype_of(op, "out_dtype", out_dtype);
+  TORCH_CHECK(C > 0, "fastvit layer_norm (cuda): x must have at least one feature");
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor x2 = rows(x);
   const int64_t M = x2.size(0);
@@ -157,9 +161,15 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const Tensor
   const int64_t C = x.size(-1);
   check_opt(op, "weight", weight, x, C);
   check_opt(op, "bias", bias, x, C);
+  TORCH_CHECK(C > 0, "fastvit layer_norm (cuda): x must have at least one feature");
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor x2 = rows(x), dy2 = rows(dy);
   const int64_t M = x2.size(0);
+  for (const Tensor* t : {&mean, &rstd}) {
+    check_cuda(op, "mean/rstd", *t, x);
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == M && t->is_contiguous(),
+                "fastvit layer_norm (cuda): mean and rstd must be contiguous float32 (", M, ",) as the forward saved them");
+  }
   Tensor dx = at::empty(x.sizes(), x.options());
   Tensor dw = at::zeros({C}, x.options().dtype(at::kFloat)), db = at::zeros({C}, x.options().dtype(at::kFloat));
   if (M > 0 && C > 0) {
@@ -229,9 +239,11 @@ MlpShapes check_mlp(const Tensor& x, const OptTensor& ln_weight, const OptTensor
 // A GEMM operand: (rows, cols) with unit column stride, 16-byte aligned rows.
 Tensor operand(const Tensor& t, int64_t align) { return rows(t, align); }
 
+// A bias as the epilogue reads it: contiguous in the GEMM dtype, 16-byte aligned (vector loads).
 OptTensor cast_bias(const OptTensor& b, at::ScalarType t) {
   if (!b.has_value()) return b;
-  return b->to(t).contiguous();
+  Tensor c = b->to(t).contiguous();
+  return aligned16(c) ? c : c.clone(at::MemoryFormat::Contiguous);
 }
 
 const void* optr(const OptTensor& t) { return t.has_value() ? t->data_ptr() : nullptr; }
@@ -295,18 +307,27 @@ Tensor layernorm_mlp_infer(const Tensor& x, const OptTensor& ln_weight, const Op
   return mlp_forward(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, false)[0];
 }
 
-// Weight gradient out[Mo, No] = a[K, Mo]^T @ b[K, No] in the GEMM dtype (zeros when K == 0).
+// Weight gradient out[Mo, No] = a[K, Mo]^T @ b[K, No], accumulated in fp32, in the weight's dtype.
 Tensor wgrad(const char* op, mlp::DType gt, const Tensor& a, const Tensor& b, const Tensor& like_weight) {
   const int64_t K = a.size(0), Mo = a.size(1), No = b.size(1);
   if (K == 0) return at::zeros({Mo, No}, like_weight.options());
-  Tensor out = at::empty({Mo, No}, like_weight.options());
+  Tensor out = at::empty({Mo, No}, like_weight.options().dtype(at::kFloat));
   const int split = mlp::matmul_tn_split_k(gt, Mo, No, K, num_sms());
   const size_t bytes = mlp::matmul_tn_workspace_bytes(gt, Mo, No, K, split);
   Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, a.options().dtype(at::kByte));
-  FV_CHECK_CUDA_CALL(op, mlp::matmul_tn(gt, Mo, No, K, a.data_ptr(), ld(a), b.data_ptr(), ld(b), out.data_ptr(), No,
-                                        split, bytes ? workspace.data_ptr() : nullptr,
+  FV_CHECK_CUDA_CALL(op, mlp::matmul_tn(gt, Mo, No, K, a.data_ptr(), ld(a), b.data_ptr(), ld(b), out.data_ptr<float>(),
+                                        No, split, bytes ? workspace.data_ptr() : nullptr,
                                         at::cuda::getCurrentCUDAStream()));
-  return out;
+  return out.scalar_type() == like_weight.scalar_type() ? out : out.to(like_weight.scalar_type());
+}
+
+// A tensor the forward saved: checked against what the backward reads it as.
+Tensor saved(const char* name, const Tensor& t, at::IntArrayRef shape, at::ScalarType dtype, const Tensor& x,
+             int64_t align) {
+  check_cuda("layernorm_mlp", name, t, x);
+  TORCH_CHECK(t.sizes() == shape && t.scalar_type() == dtype, "fastvit layernorm_mlp (cuda): ", name, " must be ",
+              dtype, " of shape ", shape, " (as the forward saved it), got ", t.scalar_type(), " ", t.sizes());
+  return align > 0 ? rows(t, align) : t.contiguous();
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp_bwd(
@@ -319,27 +340,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp
   const int64_t M = s.M, C = s.C, H = s.H, C_out = s.C_out;
   TORCH_CHECK(dy.numel() == M * C_out && dy.size(-1) == C_out, "fastvit layernorm_mlp (cuda): dy must have the output's shape (..., ",
               C_out, "), got ", dy.sizes());
-  TORCH_CHECK(h.sizes() == at::IntArrayRef({M, C}) && pre.sizes() == at::IntArrayRef({M, H}) &&
-                  act.sizes() == at::IntArrayRef({M, H}) && mean.numel() == M && rstd.numel() == M,
-              "fastvit layernorm_mlp (cuda): the saved tensors do not match x and the weights");
   const c10::cuda::CUDAGuard guard(x.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
   const at::ScalarType gd = fc1_weight.scalar_type();
+  const Tensor h2 = saved("h", h, {M, C}, gd, x, s.align), pre2 = saved("pre", pre, {M, H}, gd, x, s.align),
+               act2 = saved("act", act, {M, H}, gd, x, s.align);
+  const Tensor mean2 = saved("mean", mean, {M}, at::kFloat, x, 0), rstd2 = saved("rstd", rstd, {M}, at::kFloat, x, 0);
   const Tensor dy2 = rows(dy);  // stride-0 gradients are copied here
   const Tensor dyg = operand(dy2.scalar_type() == gd ? dy2 : dy2.to(gd), s.align);
   const Tensor w1 = operand(fc1_weight, s.align), w2 = operand(fc2_weight, s.align);
 
-  // dA = (dY W2) * GELU'(pre); db1 and db2 as column sums of dA and dY.
+  // dA = (dY W2) * GELU'(pre), with db1's fp32 partials (one row per row tile) from the same epilogue;
+  // db2 as the column sums of dY.
   Tensor dA = at::empty({M, H}, x.options().dtype(gd));
+  Tensor db1 = at::zeros({H}, x.options().dtype(at::kFloat));
   if (M > 0) {
+    Tensor parts = at::empty({mlp::matmul_dgelu_partial_rows(s.gt, M), H}, x.options().dtype(at::kFloat));
     FV_CHECK_CUDA_CALL(op, mlp::matmul_dgelu(s.gt, M, H, C_out, dyg.data_ptr(), ld(dyg), w2.data_ptr(), ld(w2),
-                                             pre.data_ptr(), H, dA.data_ptr(), H, stream));
+                                             pre2.data_ptr(), ld(pre2), dA.data_ptr(), H, parts.data_ptr<float>(),
+                                             stream));
+    db1 = parts.sum(0);
   }
-  const Tensor db1 = fc1_bias.has_value() ? bias_grad(op, dA) : Tensor();
   const Tensor db2 = fc2_bias.has_value() ? bias_grad(op, dy2) : Tensor();
   // dW2 = dY^T act, dW1 = dA^T h.
-  const Tensor dw2 = wgrad(op, s.gt, dyg, act, fc2_weight);
-  const Tensor dw1 = wgrad(op, s.gt, dA, h, fc1_weight);
+  const Tensor dw2 = wgrad(op, s.gt, dyg, act2, fc2_weight);
+  const Tensor dw1 = wgrad(op, s.gt, dA, h2, fc1_weight);
   // dh = dA W1, then LayerNorm's backward.
   Tensor dh = at::empty({M, C}, x.options().dtype(gd));
   Tensor dx = at::empty(x.sizes(), x.options());
@@ -350,18 +375,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp
     const Tensor x2 = rows(x);
     const Tensor lw = f32_param(ln_weight);
     FV_CHECK_CUDA_CALL(op, mlp::layer_norm_bwd_dx(dtype_of(op, "x", x.scalar_type()), s.gt, dh.data_ptr(), C,
-                                                  x2.data_ptr(), ld(x2), fptr(lw), mean.data_ptr<float>(),
-                                                  rstd.data_ptr<float>(), dx.data_ptr(), C, M, C, stream));
-    if (ln_weight.has_value() || ln_bias.has_value()) std::tie(dlnw, dlnb) = norm_param_grads(dh, x2, mean, rstd);
+                                                  x2.data_ptr(), ld(x2), fptr(lw), mean2.data_ptr<float>(),
+                                                  rstd2.data_ptr<float>(), dx.data_ptr(), C, M, C, stream));
+    if (ln_weight.has_value() || ln_bias.has_value()) std::tie(dlnw, dlnb) = norm_param_grads(dh, x2, mean2, rstd2);
   }
-  const Tensor empty = at::empty({0}, x.options());
   return {dx,
           param_grad(dlnw, ln_weight, x),
           param_grad(dlnb, ln_bias, x),
           dw1,
-          fc1_bias.has_value() ? db1.to(fc1_bias->scalar_type()) : empty,
+          param_grad(db1, fc1_bias, x),
           dw2,
-          fc2_bias.has_value() ? db2.to(fc2_bias->scalar_type()) : empty};
+          fc2_bias.has_value() ? db2.to(fc2_bias->scalar_type()) : at::empty({0}, x.options())};
 }
 
 }  // namespace

@@ -314,11 +314,16 @@ cudaError_t linear_bias_residual(DType t, DType out_type, int M, int N, int K, c
 }
 
 cudaError_t matmul_dgelu(DType t, int M, int N, int K, const void* a, int64_t lda, const void* b, int64_t ldb,
-                         const void* pre, int64_t ldp, void* out, int64_t ldo, cudaStream_t stream) {
+                         const void* pre, int64_t ldp, void* out, int64_t ldo, float* col_partials,
+                         cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
   return with_gemm(t, [&](auto g) {
-    return decltype(g)::matmul_dgelu(M, N, K, a, lda, b, ldb, pre, ldp, out, ldo, stream);
+    return decltype(g)::matmul_dgelu(M, N, K, a, lda, b, ldb, pre, ldp, out, ldo, col_partials, stream);
   });
+}
+
+int matmul_dgelu_partial_rows(DType t, int M) {
+  return with_gemm(t, [&](auto g) { return (M + decltype(g)::tile_m() - 1) / decltype(g)::tile_m(); });
 }
 
 cudaError_t matmul_nn(DType t, int M, int N, int K, const void* a, int64_t lda, const void* b, int64_t ldb, void* out,
@@ -327,7 +332,7 @@ cudaError_t matmul_nn(DType t, int M, int N, int K, const void* a, int64_t lda, 
   return with_gemm(t, [&](auto g) { return decltype(g)::matmul_nn(M, N, K, a, lda, b, ldb, out, ldo, stream); });
 }
 
-cudaError_t matmul_tn(DType t, int M, int N, int K, const void* a, int64_t lda, const void* b, int64_t ldb, void* out,
+cudaError_t matmul_tn(DType t, int M, int N, int K, const void* a, int64_t lda, const void* b, int64_t ldb, float* out,
                       int64_t ldo, int split_k, void* workspace, cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
   return with_gemm(t, [&](auto g) {

@@ -63,18 +63,22 @@ cudaError_t linear_bias_residual(DType t, DType out_type, int M, int N, int K, c
                                  const void* w, int64_t ldw, const void* bias, const void* residual, int64_t ldr,
                                  void* out, int64_t ldo, cudaStream_t stream);
 
-// dgrad through GELU: out[M, N] = (a[M, K] @ b[K, N]) * gelu_erf'(pre[M, N]).
+// dgrad through GELU: out[M, N] = (a[M, K] @ b[K, N]) * gelu_erf'(pre[M, N]), and the column sums of
+// out (before rounding) as fp32 partials: col_partials is (matmul_dgelu_partial_rows(t, M), N), row r
+// summing rows [r * tile, (r + 1) * tile) of out; the caller adds the rows (the fc1 bias gradient).
 cudaError_t matmul_dgelu(DType t, int M, int N, int K, const void* a, int64_t lda, const void* b, int64_t ldb,
-                         const void* pre, int64_t ldp, void* out, int64_t ldo, cudaStream_t stream);
+                         const void* pre, int64_t ldp, void* out, int64_t ldo, float* col_partials,
+                         cudaStream_t stream);
+int matmul_dgelu_partial_rows(DType t, int M);
 
 // out[M, N] = a[M, K] @ b[K, N].
 cudaError_t matmul_nn(DType t, int M, int N, int K, const void* a, int64_t lda, const void* b, int64_t ldb, void* out,
                       int64_t ldo, cudaStream_t stream);
 
-// Weight gradient: out[M, N] = a[K, M]^T @ b[K, N] (K = rows of the activations). With split_k > 1
-// the K range is split over serially reduced slices (deterministic), which needs
-// matmul_tn_workspace_bytes() of workspace (any contents).
-cudaError_t matmul_tn(DType t, int M, int N, int K, const void* a, int64_t lda, const void* b, int64_t ldb, void* out,
+// Weight gradient: out[M, N] = a[K, M]^T @ b[K, N] (K = rows of the activations), out in fp32. With
+// split_k > 1 the K range is split over serially reduced slices (deterministic, fp32 partial sums),
+// which needs matmul_tn_workspace_bytes() of workspace (any contents).
+cudaError_t matmul_tn(DType t, int M, int N, int K, const void* a, int64_t lda, const void* b, int64_t ldb, float* out,
                       int64_t ldo, int split_k, void* workspace, cudaStream_t stream);
 size_t matmul_tn_workspace_bytes(DType t, int M, int N, int K, int split_k);
 
@@ -99,10 +103,11 @@ struct Gemm {
                                           const void* w, int64_t ldw, const void* bias, const void* residual,
                                           int64_t ldr, void* out, int64_t ldo, cudaStream_t stream);
   static cudaError_t matmul_dgelu(int M, int N, int K, const void* a, int64_t lda, const void* b, int64_t ldb,
-                                  const void* pre, int64_t ldp, void* out, int64_t ldo, cudaStream_t stream);
+                                  const void* pre, int64_t ldp, void* out, int64_t ldo, float* col_partials,
+                                  cudaStream_t stream);
   static cudaError_t matmul_nn(int M, int N, int K, const void* a, int64_t lda, const void* b, int64_t ldb, void* out,
                                int64_t ldo, cudaStream_t stream);
-  static cudaError_t matmul_tn(int M, int N, int K, const void* a, int64_t lda, const void* b, int64_t ldb, void* out,
+  static cudaError_t matmul_tn(int M, int N, int K, const void* a, int64_t lda, const void* b, int64_t ldb, float* out,
                                int64_t ldo, int split_k, void* workspace, cudaStream_t stream);
   static size_t matmul_tn_workspace_bytes(int M, int N, int K, int split_k);
   static int alignment();

@@ -21,7 +21,7 @@ def _rows(x: torch.Tensor) -> int:
 
 
 def _grad_like(p: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(p, memory_format=torch.contiguous_format) if p is not None else x.new_empty((0,))
+    return p.new_empty(p.shape) if p is not None else x.new_empty((0,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,8 +90,8 @@ def _layernorm_mlp_infer_fake(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_w
 @torch.library.register_fake(op_name("layernorm_mlp", "cuda", "bwd"))
 def _layernorm_mlp_bwd_fake(dy, x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, h, pre, act, mean,
                             rstd):
-    return (x.new_empty(x.shape), _grad_like(ln_weight, x), _grad_like(ln_bias, x), torch.empty_like(fc1_weight),
-            _grad_like(fc1_bias, x), torch.empty_like(fc2_weight), _grad_like(fc2_bias, x))
+    return (x.new_empty(x.shape), _grad_like(ln_weight, x), _grad_like(ln_bias, x), fc1_weight.new_empty(fc1_weight.shape),
+            _grad_like(fc1_bias, x), fc2_weight.new_empty(fc2_weight.shape), _grad_like(fc2_bias, x))
 
 
 def _layernorm_mlp_backward(saved, grads):

@@ -5,19 +5,26 @@
 // - linear_bias_gelu: the fc1 epilogue adds the bias, applies exact (erf) GELU and, in training, also
 //   writes the pre-activation the backward needs (CUTLASS's broadcast epilogue: Z and T outputs).
 // - linear_bias_residual: the fc2 epilogue adds the bias and the residual (CUTLASS's source operand C).
-// - matmul_dgelu: the dgrad GEMM multiplies by GELU'(pre) in its epilogue (DGeluOfSource below;
-//   CUTLASS's own dGELU is the tanh approximation's derivative).
-// - matmul_nn / matmul_tn: plain dgrad / wgrad; wgrad may split K serially (deterministic).
+// - matmul_dgelu: the dgrad GEMM multiplies by GELU'(pre) in its epilogue (DGeluErf below; CUTLASS's
+//   own dGELU is the tanh approximation's derivative) and reduces the result's columns per row tile
+//   (CUTLASS's reduction epilogue: fp32 partials of the fc1 bias gradient, no atomics).
+// - matmul_nn / matmul_tn: plain dgrad / wgrad; wgrad writes fp32 and may split K serially
+//   (deterministic, every partial sum in fp32).
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/thread/activation.h"
 #include "cutlass/epilogue/thread/linear_combination.h"
 #include "cutlass/epilogue/thread/linear_combination_bias_elementwise.h"
+#include "cutlass/epilogue/thread/linear_combination_dgelu.h"
+#include "cutlass/functional.h"
 #include "cutlass/gemm/device/gemm_universal.h"
+#include "cutlass/gemm/device/gemm_universal_base.h"
 #include "cutlass/gemm/device/gemm_universal_with_broadcast.h"
+#include "cutlass/gemm/kernel/default_gemm_with_reduction.h"
 #include "cutlass/numeric_types.h"
 
 #include "mlp.cuh"
@@ -72,6 +79,15 @@ using BroadcastGemm = cutlass::gemm::device::GemmUniversalWithBroadcast<
     typename Config<D>::Instruction, OutputOp, Swizzle, Config<D>::kStages, kAlign<typename Config<D>::T>,
     kAlign<typename Config<D>::T>, typename Config<D>::Operator>;
 
+// A GEMM with an fp32 output (weight gradients: split-K slices add up in fp32).
+template <DType D, typename LayoutA, typename LayoutB>
+using Fp32OutGemm = cutlass::gemm::device::GemmUniversal<
+    typename Config<D>::T, LayoutA, typename Config<D>::T, LayoutB, float, RowMajor, float,
+    cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80, typename Config<D>::Threadblock, typename Config<D>::Warp,
+    typename Config<D>::Instruction, cutlass::epilogue::thread::LinearCombination<float, kAlign<float>, float, float>,
+    Swizzle, Config<D>::kStages, kAlign<typename Config<D>::T>, kAlign<typename Config<D>::T>,
+    typename Config<D>::Operator>;
+
 template <DType D, typename LayoutA, typename LayoutB>
 using PlainGemm = cutlass::gemm::device::GemmUniversal<
     typename Config<D>::T, LayoutA, typename Config<D>::T, LayoutB, typename Config<D>::T, RowMajor, float,
@@ -91,52 +107,52 @@ template <typename T, typename TO>
 using BiasResidual = cutlass::epilogue::thread::LinearCombinationBiasElementwise<
     TO, float, float, TO, TO, kAlign<TO>, cutlass::epilogue::thread::Identity<float>, cutlass::plus<float>, false, T>;
 
-// Z = acc * GELU'(C) with the exact GELU: GELU'(u) = Phi(u) + u * phi(u); C is the pre-activation.
+// D = acc * GELU'(pre) with the exact GELU: GELU'(u) = Phi(u) + u * phi(u); pre is the epilogue's
+// "tensor" operand. The interface (Params, reduction participation) is LinearCombinationDGelu's.
 template <typename T>
-class DGeluOfSource : public cutlass::epilogue::thread::LinearCombinationBiasElementwise<
-                          T, float, float, T, T, kAlign<T>, cutlass::epilogue::thread::Identity<float>,
-                          cutlass::plus<float>, false, T> {
-  using Base = cutlass::epilogue::thread::LinearCombinationBiasElementwise<
-      T, float, float, T, T, kAlign<T>, cutlass::epilogue::thread::Identity<float>, cutlass::plus<float>, false, T>;
+class DGeluErf : public cutlass::epilogue::thread::LinearCombinationDGelu<float, float, T, T, kAlign<T>> {
+  using Base = cutlass::epilogue::thread::LinearCombinationDGelu<float, float, T, T, kAlign<T>>;
 
  public:
   using typename Base::FragmentAccumulator;
-  using typename Base::FragmentC;
   using typename Base::FragmentCompute;
-  using typename Base::FragmentT;
-  using typename Base::FragmentZ;
+  using typename Base::FragmentSource;
+  using typename Base::FragmentTensor;
   using typename Base::Params;
-  static bool const kIsHeavy = true;
-  static int const kN = Base::kElementsPerAccess;
+  static int const kN = kAlign<T>;
 
   CUTLASS_HOST_DEVICE
-  explicit DGeluOfSource(Params const& params) : Base(params) {}
+  explicit DGeluErf(Params const& params) : Base(params) {}
 
   CUTLASS_HOST_DEVICE
-  bool is_source_needed() const { return true; }
-
-  CUTLASS_HOST_DEVICE
-  void operator()(FragmentZ& frag_Z, FragmentT&, FragmentAccumulator const& AB, FragmentC const& frag_C,
-                  FragmentCompute const&) const {
-    FragmentCompute acc = cutlass::NumericArrayConverter<float, float, kN>()(AB);
-    FragmentCompute pre = cutlass::NumericArrayConverter<float, T, kN>()(frag_C);
-    FragmentCompute z;
+  FragmentCompute operator()(FragmentAccumulator const& acc, FragmentTensor const& pre) const {
+    FragmentCompute d;
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < kN; ++i) {
-      const float u = pre[i];
+      const float u = static_cast<float>(pre[i]);
       const float cdf = 0.5f * (1.f + erff(u * 0.70710678118654752f));
       const float pdf = 0.39894228040143268f * expf(-0.5f * u * u);
-      z[i] = acc[i] * (cdf + u * pdf);
+      d[i] = acc[i] * (cdf + u * pdf);
     }
-    frag_Z = cutlass::NumericArrayConverter<T, float, kN>()(z);
+    return d;
   }
 
-  // Not reached (is_source_needed() is always true); required by the epilogue's interface.
+  // With a source operand (beta != 0); matmul_dgelu passes beta = 0, so this is never reached.
   CUTLASS_HOST_DEVICE
-  void operator()(FragmentZ& frag_Z, FragmentT&, FragmentAccumulator const& AB, FragmentCompute const&) const {
-    frag_Z = cutlass::NumericArrayConverter<T, float, kN>()(AB);
+  FragmentCompute operator()(FragmentAccumulator const& acc, FragmentSource const&, FragmentTensor const& pre) const {
+    return (*this)(acc, pre);
   }
 };
+
+// dgrad through GELU with the column sums of its result, one fp32 row of partials per row tile.
+template <DType D>
+using DGeluReductionGemm = cutlass::gemm::device::GemmUniversalBase<typename cutlass::gemm::kernel::DefaultGemmWithReduction<
+    typename Config<D>::T, RowMajor, cutlass::ComplexTransform::kNone, kAlign<typename Config<D>::T>,
+    typename Config<D>::T, RowMajor, cutlass::ComplexTransform::kNone, kAlign<typename Config<D>::T>,
+    typename Config<D>::T, RowMajor, float, cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80,
+    typename Config<D>::Threadblock, typename Config<D>::Warp, typename Config<D>::Instruction,
+    DGeluErf<typename Config<D>::T>, cutlass::plus<float>, Swizzle, Config<D>::kStages,
+    typename Config<D>::Operator>::GemmKernel>;
 
 inline cudaError_t to_cuda_error(cutlass::Status status) {
   if (status == cutlass::Status::kSuccess) return cudaGetLastError();
@@ -195,12 +211,15 @@ cudaError_t Gemm<D>::linear_bias_residual(bool out_fp32, int M, int N, int K, co
 
 template <DType D>
 cudaError_t Gemm<D>::matmul_dgelu(int M, int N, int K, const void* a, int64_t lda, const void* b, int64_t ldb,
-                                  const void* pre, int64_t ldp, void* out, int64_t ldo, cudaStream_t stream) {
-  using T = typename Config<D>::T;
-  using Op = DGeluOfSource<T>;
-  using G = BroadcastGemm<D, RowMajor, RowMajor, T, Op>;
-  typename G::Arguments args(kGemmMode, {M, N, K}, 1, typename Op::Params(1.f, 1.f), a, b, pre, out, nullptr,
-                             nullptr, 0, 0, 0, 0, 0, 0, lda, ldb, ldp, ldo, 0, 0);
+                                  const void* pre, int64_t ldp, void* out, int64_t ldo, float* col_partials,
+                                  cudaStream_t stream) {
+  using G = DGeluReductionGemm<D>;
+  static_assert(G::GemmKernel::Epilogue::kIsSingleSource, "argument order below is the single-source kernel's");
+  static_assert(std::is_same<typename G::GemmKernel::Epilogue::ElementVector, float>::value, "fp32 partials");
+  // ptr_Vector receives the partials: row (tile m) at col_partials + tile_m * N.
+  typename G::Arguments args(kGemmMode, {M, N, K}, 1, typename DGeluErf<typename Config<D>::T>::Params(1.f, 0.f), a, b,
+                             nullptr, out, col_partials, const_cast<void*>(pre), 0, 0, 0, 0, 0, 0, lda, ldb, ldo, ldo, N,
+                             ldp);
   return run<G>(args, nullptr, stream);
 }
 
@@ -213,9 +232,9 @@ cudaError_t Gemm<D>::matmul_nn(int M, int N, int K, const void* a, int64_t lda, 
 }
 
 template <DType D>
-cudaError_t Gemm<D>::matmul_tn(int M, int N, int K, const void* a, int64_t lda, const void* b, int64_t ldb, void* out,
+cudaError_t Gemm<D>::matmul_tn(int M, int N, int K, const void* a, int64_t lda, const void* b, int64_t ldb, float* out,
                                int64_t ldo, int split_k, void* workspace, cudaStream_t stream) {
-  using G = PlainGemm<D, ColumnMajor, RowMajor>;
+  using G = Fp32OutGemm<D, ColumnMajor, RowMajor>;
   typename G::Arguments args(kGemmMode, {M, N, K}, split_k, {1.f, 0.f}, a, b, out, out, 0, 0, 0, 0, lda, ldb, ldo,
                              ldo);
   return run<G>(args, workspace, stream);
@@ -223,7 +242,7 @@ cudaError_t Gemm<D>::matmul_tn(int M, int N, int K, const void* a, int64_t lda, 
 
 template <DType D>
 size_t Gemm<D>::matmul_tn_workspace_bytes(int M, int N, int K, int split_k) {
-  using G = PlainGemm<D, ColumnMajor, RowMajor>;
+  using G = Fp32OutGemm<D, ColumnMajor, RowMajor>;
   typename G::Arguments args(kGemmMode, {M, N, K}, split_k, {1.f, 0.f}, nullptr, nullptr, nullptr, nullptr, 0, 0, 0, 0,
                              M, N, N, N);
   return G::get_workspace_size(args);

@@ -150,6 +150,10 @@ def _digest(archs: list[str], nvcc_version: str) -> str:
         h.update((src / name).read_bytes())
     for part in (torch.__version__, torch.version.cuda or "", nvcc_version, *archs, *_CXX_FLAGS, *_NVCC_FLAGS):
         h.update(part.encode())
+    try:  # another CUTLASS is another build
+        h.update((cutlass_include() / "cutlass" / "version.h").read_bytes())
+    except (ExtensionError, OSError):
+        pass
     return h.hexdigest()[:12]
 
 

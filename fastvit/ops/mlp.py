@@ -83,6 +83,8 @@ def _cuda_reason(tensors: dict) -> str | None:
 
 
 def _cuda_layer_norm_why_not(x, weight, bias, eps):
+    if x.shape[-1] < 1:
+        return "the CUDA LayerNorm needs at least one feature (C >= 1)"
     return _cuda_reason({"x": x, "weight": weight, "bias": bias})
 
 
