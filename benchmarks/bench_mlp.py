@@ -30,8 +30,9 @@ target >= 1.2x eager, >= 1.05x torch.compile, which fuses the elementwise work b
 GEMMs and their separate bias/GELU passes). ``pct_roofline`` is the floor (measured peaks) over the measured time.
 The "cuda" rows: CUTLASS 2.x tensor-core GEMMs (Sm80 mma.sync + cp.async, 128x128x32 tiles, 4
 stages; no wgmma/TMA) reach at best ~60-65 % of the H100's bf16 peak, ~600 TFLOP/s: forward+backward
->= 2.4 ms at ViT-B, plus two passes the Triton chain fuses and the CUDA one does not yet (the bias
-gradients as column sums: dA, 310 MB, ~0.1 ms; the dY cast to bf16 under autocast). Expected: close to
+>= 2.4 ms at ViT-B, plus two small passes the Triton chain fuses and the CUDA one does not (fc2's bias
+gradient as column sums of dY, 77 MB; the dY cast to bf16 under autocast; fc1's is fused into the
+dGELU GEMM's epilogue). Expected: close to
 Triton, ahead of eager only by the fused epilogues; a Hopper-native (CUTLASS 3.x, wgmma + TMA) mainloop
 is the next step for this backend.
 
