@@ -136,6 +136,7 @@ def register_availability(
     _availability_cache.pop((backend, True), None)
 
 
+@torch.compiler.assume_constant_result  # traced by torch.compile as a constant: checks run eagerly, once
 def availability(backend: str, auto: bool = False) -> str | None:
     """None when ``backend`` can run on this machine, else the reason it cannot (checked once).
 

@@ -134,3 +134,22 @@ def test_add_function(registry):
         backend.FAMILIES.update(families)
         backend.FUNCTIONS.pop("soft_split_layer_norm_test", None)
         backend._impls.pop("soft_split_layer_norm_test", None)
+
+
+def test_availability_is_a_constant_under_torch_compile(registry):
+    """torch.compile(fullgraph=True) calls the availability checks eagerly (they may lock, read files, run nvcc)."""
+    import threading
+
+    lock = threading.RLock()
+
+    def check():
+        with lock:  # dynamo cannot trace an RLock: it must not try
+            return "built elsewhere"
+
+    registry.register_availability("cuda", lambda: None, auto_check=check)
+
+    def f(x):
+        return x + (1.0 if backend.availability("cuda", auto=True) is None else 2.0)
+
+    assert torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(2)).tolist() == [2.0, 2.0]
+    assert backend.availability("cuda") is None
