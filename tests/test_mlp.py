@@ -2,9 +2,9 @@
 then the Triton kernels (kernels/mlp.py) against the reference by DESIGN.md's numerics rule."""
 
 import contextlib
-import os
 
 import pytest
+import sm90
 import torch
 import torch.nn.functional as F
 from numerics import check_against_reference, expanded_grad, noncontiguous, overridden, randn, run_without_interpreter
@@ -538,58 +538,8 @@ def test_gpu_deterministic():
         assert torch.equal(a, b)
 
 
-SM90_COMPILE = """
-import os, sys
-import torch, triton
-from triton.backends.compiler import BaseBackend, GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.autotuner import Autotuner
-from triton.runtime.jit import native_specialize_impl
-
-ALL_CONFIGS = os.environ.get("FASTVIT_COMPILE_CHECK") == "all"
-seen = set()
-
-
-def compile_for_sm90(fn, args, kwargs, num_warps, num_stages):
-    # Specialise the arguments as the JIT would (ints equal to 1 -> constexpr, 16-divisibility), then
-    # run the whole pipeline (TTIR, TTGIR, LLVM, PTX, ptxas) for sm_90 without a GPU.
-    names = [p.name for p in fn.params]
-    bound = {**dict(zip(names, args)), **kwargs}
-    sig, consts, attrs = {}, {}, {}
-    for i, (name, p) in enumerate(zip(names, fn.params)):
-        v = bound[name]
-        kind, spec = ("constexpr", None) if p.is_constexpr or isinstance(v, bool) else \\
-            native_specialize_impl(BaseBackend, v, False, True, True)
-        sig[name] = kind
-        if kind == "constexpr":
-            consts[(i,)] = v if spec is None else spec
-        elif spec:
-            attrs[(i,)] = BaseBackend.parse_attr(spec)
-    key = (fn.fn.__name__, repr(sorted(consts.items())), repr(sig), num_warps, num_stages)
-    if key in seen:
-        return
-    seen.add(key)
-    k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": num_warps, "num_stages": num_stages})
-    print(fn.fn.__name__, {names[i[0]]: v for i, v in consts.items() if names[i[0]].isupper()},
-          "warps", num_warps, "stages", num_stages, "smem", k.metadata.shared, flush=True)
-
-
-class CompileInsteadOfLaunch:
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __getitem__(self, grid):
-        def launch(*args, num_warps=4, num_stages=3, **kwargs):
-            if isinstance(self.kernel, Autotuner):
-                for cfg in self.kernel.configs if ALL_CONFIGS else self.kernel.configs[:1]:
-                    compile_for_sm90(self.kernel.fn, args, {**kwargs, **cfg.kwargs}, cfg.num_warps, cfg.num_stages)
-            else:
-                compile_for_sm90(self.kernel, args, kwargs, num_warps, num_stages)
-        return launch
-
-
-torch.library.wrap_triton = CompileInsteadOfLaunch
+SM90_DRIVER = """
+import torch
 from fastvit.kernels import mlp as K
 
 for gemm_dtype, act_dtype, tf32 in ((torch.bfloat16, torch.float32, False), (torch.float16, torch.float16, False),
@@ -605,17 +555,12 @@ for gemm_dtype, act_dtype, tf32 in ((torch.bfloat16, torch.float32, False), (tor
     K._layernorm_mlp_bwd(torch.randn(B, N, C).expand(B, N, C), x, *ps, *out[1:])
     K._layer_norm_fwd(x, ps[0], ps[1], 1e-5, gemm_dtype)
     K._layer_norm_bwd(torch.randn(B, N, C, dtype=gemm_dtype), x, ps[0], None, out[4], out[5])
-print("compiled", len(seen))
 """
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(HAS_GPU or not os.environ.get("FASTVIT_COMPILE_CHECK"),
-                    reason="opt-in on CPU machines (FASTVIT_COMPILE_CHECK=1, or =all for every autotune config): "
-                           "several minutes of compiling")
+@sm90.OPT_IN
 def test_kernels_compile_for_sm90_without_a_gpu():
     """Every launch the real launchers make (ViT-B shapes, bf16 / fp16 / fp32 with and without TF32) compiled
-    for sm_90 through Triton's whole pipeline (incl. ptxas), without a GPU: catches what the interpreter
-    accepts but the compiler does not (non-constexpr globals, bad layouts, shared-memory overflows)."""
-    out = run_without_interpreter(SM90_COMPILE, timeout=3000)
-    assert out.strip().splitlines()[-1].startswith("compiled ")
+    for sm_90 through Triton's whole pipeline (incl. ptxas), without a GPU (tests/sm90.py)."""
+    sm90.check(SM90_DRIVER)
