@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import fastvit
 from fastvit import BackendUnavailableError, backend, ops, reference
+import sm90
 from numerics import check_against_reference, expanded_grad, noncontiguous, randn, run_without_interpreter
 
 
@@ -581,3 +582,47 @@ def test_gpu_backward_is_deterministic(N):
     finally:
         torch.use_deterministic_algorithms(False)
     assert all(torch.equal(grads[0], gr) for gr in grads[1:])
+
+
+SM90_DRIVER = """
+import torch
+from fastvit.kernels import attention as K
+
+B, H = 2, 12
+
+
+def run(D, N, dtype, mask=None, expanded_grad=False):
+    q, k, v = (torch.randn(B, H, N, D, dtype=dtype) for _ in range(3))
+    o, lse = K._attention_fwd(q, k, v, mask, D**-0.5)
+    K._attention_infer(q, k, v, mask, D**-0.5)
+    K._attention_bwd(torch.randn(B, H, N, D, dtype=dtype), q, k, v, o, lse, mask, D**-0.5)
+    qkv = torch.randn(B, N, 3 * H * D, dtype=dtype)
+    o, lse = K._qkvpacked_fwd(qkv, H, mask, D**-0.5)
+    K._qkvpacked_infer(qkv, H, mask, D**-0.5)
+    do = torch.randn((), dtype=dtype).expand(B, N, H * D) if expanded_grad else torch.randn(B, N, H * D, dtype=dtype)
+    K._qkvpacked_bwd(do, qkv, o, lse, mask, H, D**-0.5)
+
+
+for dtype in (torch.bfloat16, torch.float16, torch.float32):
+    for D in (32, 64, 80, 96, 128):
+        for N in (50, 197, 577):  # N = 50 (ViT-B/32): the one-pass backward; 197, 577: dQ pass + dK/dV pass
+            masks = (None, torch.rand(B, 1, 1, N) > 0.1, torch.rand(1, 1, N, N) > 0.1,  # key padding, full
+                     torch.randn(1, 1, N, N, dtype=dtype))  # additive
+            for mask in masks:
+                run(D, N, dtype, mask)
+        run(D, 197, dtype, expanded_grad=True)  # a stride-0 gradient, as from .sum()
+    run(64, 3136, dtype)
+torch.backends.cuda.matmul.allow_tf32 = True  # fp32 through TF32 tensor cores
+for D in (32, 64, 128):
+    for N in (50, 197):
+        run(D, N, torch.float32)
+"""
+
+
+@pytest.mark.slow
+@sm90.OPT_IN
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """Every launch the real launchers make (attention and attention_qkvpacked, forward / inference /
+    one-pass and two-pass backward, masks; head dims 32-128 at N = 50, 197, 577 and 3136; bf16 / fp16 /
+    fp32 with and without TF32) compiled for sm_90 through Triton's whole pipeline, without a GPU."""
+    sm90.check(SM90_DRIVER)

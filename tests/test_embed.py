@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import fastvit
 from fastvit import BackendUnavailableError, backend, ops, reference
+import sm90
 from numerics import check_against_reference, expanded_grad, noncontiguous, overridden, randn, run_without_interpreter
 
 
@@ -610,3 +611,62 @@ def test_gpu_backward_is_deterministic():
         assert all(torch.equal(u, v) for u, v in zip(a, b))
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+SM90_DRIVER = """
+import torch
+from fastvit.kernels import embed as K
+
+B, D, p = 2, 768, 16
+bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+# (input dtype, parameter / output dtype); the last is autocast: fp32 input of a pre-norm or of the fused norm1
+for x_dtype, dtype in ((bf16, bf16), (fp16, fp16), (fp32, fp32), (fp32, bf16)):
+    # patch_embed at ViT-B/16, 224: timm's conv (cls, pos; NCHW or channels_last), vit-pytorch's hwc with pre and
+    # post norms (ViT: cls, pos; SimpleViT: pos only); backward with and without dx
+    x = torch.randn(B, 3, 224, 224, dtype=x_dtype)
+    cls, pos = torch.randn(1, 1, D, dtype=dtype), torch.randn(1, 197, D, dtype=dtype)
+    conv = (torch.randn(D, 3, p, p, dtype=dtype), torch.randn(D, dtype=dtype))
+    lin = (torch.randn(D, 3 * p * p, dtype=dtype), torch.randn(D, dtype=dtype))
+    norms = [torch.randn(3 * p * p), torch.randn(3 * p * p), torch.randn(D, dtype=dtype), torch.randn(D, dtype=dtype)]
+    cases = [(x, *lin, pos, cls, norms, "hwc", True), (x, lin[0], None, pos[:, 1:], None, norms, "hwc", True)]
+    if x_dtype == dtype:  # autocast casts x unless a pre-norm takes it
+        cl = x.to(memory_format=torch.channels_last)
+        cases += [(xx, *conv, pos, cls, [None] * 4, "chw", False) for xx in (x, cl)]
+        cases += [(x, *conv, None, None, [None] * 4, "chw", False)]
+    for xx, w, b, pe, ct, ns, order, norm in cases:
+        args = (xx, w, b, pe, ct, *ns, p, p, order, norm, norm, 1e-5)
+        out, *saved = K._patch_embed_fwd_op(*args)
+        K._patch_embed_infer_op(*args)
+        for need_x in (True, False):
+            needs = [need_x] + [t is not None for t in (w, b, pe, ct, *ns)]
+            dy = torch.randn(out.shape, dtype=dtype)
+            K._patch_embed_bwd_op(dy, *args[:9], *saved, p, p, order, norm, norm, needs)
+    # soft_split and soft_split_layer_norm at T2T-ViT-14's three splits; the later two read the previous layer's
+    # tokens as a (B, 64, H, W) view (channels last), or a contiguous map
+    for shape, k, s, pad in (((B, 3, 224, 224), 7, 4, 2), ((B, 64, 56, 56), 3, 2, 1), ((B, 64, 28, 28), 3, 2, 1)):
+        C, H, W = shape[1:]
+        geo, F = (k, k, s, s, pad, pad), C * k * k
+        xs = [torch.randn(shape, dtype=x_dtype)]
+        if C == 64:
+            xs.append(torch.randn(B, H * W, C, dtype=x_dtype).transpose(1, 2).reshape(shape))
+        for xx in xs:
+            if x_dtype == dtype:
+                (out,) = K._soft_split_fwd_op(xx, *geo)
+                K._soft_split_infer_op(xx, *geo)
+                K._soft_split_bwd_op(torch.randn(out.shape, dtype=dtype), xx, *geo)
+            for ln in ((torch.randn(F), torch.randn(F)), (torch.randn(F, dtype=dtype), torch.randn(F, dtype=dtype))):
+                out, mean, rstd = K._ssln_fwd_op(xx, *ln, *geo, 1e-5, dtype)
+                K._ssln_infer_op(xx, *ln, *geo, 1e-5, dtype)
+                dy = torch.randn(out.shape, dtype=dtype)
+                for need_x in (True, False):  # no dx: T2T-ViT's first split reads the image
+                    K._ssln_bwd_op(dy, xx, *ln, mean, rstd, *geo, [need_x, True, True])
+"""
+
+
+@pytest.mark.slow
+@sm90.OPT_IN
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """Every launch the real launchers make (patch_embed conv and hwc with cls/pos and pre/post norms at ViT-B/16,
+    soft_split and soft_split_layer_norm at T2T-ViT-14's three splits; forward, inference, backward; bf16 / fp16 /
+    fp32 and autocast) compiled for sm_90 through Triton's whole pipeline, without a GPU."""
+    sm90.check(SM90_DRIVER)

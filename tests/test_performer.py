@@ -9,6 +9,7 @@ import torch
 import fastvit
 from fastvit import ops, reference
 from fastvit.backend import BackendUnavailableError
+import sm90
 from numerics import check_against_reference, expanded_grad, noncontiguous, overridden, randn, run_without_interpreter
 
 
@@ -497,3 +498,40 @@ def test_gpu_deterministic_and_dropout(T, dim):
     assert abs(keep.float().mean().item() - 0.9) < 0.005
     plain = {n: (v.detach() if isinstance(v, torch.Tensor) else v) for n, v in inputs.items()}
     torch.testing.assert_close(runs[0][0], masked_reference(keep, 0.1)(**plain, dropout_p=0.1), rtol=2e-2, atol=2e-2)
+
+
+SM90_DRIVER = """
+import torch
+import sm90
+from fastvit.kernels import performer as K
+
+K._fixed = lambda device: False  # CPU tensors here: take the GPU path (autotuned tiles, an H100's SM count)
+K._keep_mask_kernel = sm90.RecordInsteadOfLaunch(K._keep_mask_kernel)  # launched directly, not through wrap_triton
+B, E, M = 2, 64, 32
+for dtype, w_dtype in ((torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.float32),
+                       (torch.bfloat16, torch.bfloat16)):
+    for T, dim in ((3136, 147), (784, 576)):  # T2T-ViT-14's two Token_performer layers
+        x = torch.randn(B, T, dim, dtype=dtype)
+        w = torch.randn(M, E, dtype=w_dtype)
+        ps = (torch.randn(3 * E, dim, dtype=dtype), torch.randn(3 * E, dtype=dtype), w,
+              torch.randn(E, E, dtype=dtype), torch.randn(E, dtype=dtype))
+        for p, seed in ((0.0, None), (0.1, K.draw_seed(x.device))):
+            args = (x, *ps, 1e-8, p, seed)
+            out, ksum, kptv, kqv = K._fwd_op(*args)
+            K._infer_op(*args)
+            g = torch.randn(B, T, E, dtype=dtype)
+            for needs in ((True, True, True), (True, True, False)):  # dw when w requires grad (not T2T-ViT's default)
+                K._bwd_op(g, *args, ksum, kptv, kqv, *needs)
+        # an expanded gradient (stride 0, from .sum())
+        K._bwd_op(torch.randn((), dtype=dtype).expand(B, T, E), *args, ksum, kptv, kqv, True, True, False)
+        K.dropout_keep_mask(K.draw_seed(x.device), B, T, E, 0.1)
+"""
+
+
+@pytest.mark.slow
+@sm90.OPT_IN
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """Every launch the real launchers make (T2T-ViT-14's two layers; forward, inference, backward with and
+    without dx and dw, dropout; bf16 / fp16 / fp32) compiled for sm_90 through Triton's whole pipeline, without
+    a GPU."""
+    sm90.check(SM90_DRIVER)
