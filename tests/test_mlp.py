@@ -507,12 +507,12 @@ def test_gpu_opcheck():
     torch.library.opcheck(get_op("layer_norm", "triton", "infer"), (ln["x"].detach(), None, None, 1e-5, torch.float32))
 
 
-@pytest.mark.gpu
-def test_gpu_compile_block_fullgraph():
+def check_compile_block_fullgraph(spec):
+    """A Block under torch.compile(fullgraph=True) matches it uncompiled, with the mlp family on ``spec``."""
     torch.manual_seed(0)
     block = fnn.Block(384, 6, qkv_bias=True).to(DEV)
     x = torch.randn(4, 197, 384, device=DEV, requires_grad=True)
-    with fastvit.use_backend(TRITON):
+    with fastvit.use_backend(spec):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             want = block(x)
         gx_want = torch.autograd.grad(want.float().sum(), x)[0]
@@ -524,18 +524,28 @@ def test_gpu_compile_block_fullgraph():
     torch.testing.assert_close(gx_got, gx_want, atol=5e-2, rtol=5e-2)
 
 
-@pytest.mark.gpu
-def test_gpu_deterministic():
+def check_deterministic(spec):
+    """Two forward+backward runs on ``spec`` give bitwise-equal outputs and gradients."""
     inputs = mlp_inputs((4, 197), 384, 1536, dtype=torch.bfloat16)
     g = torch.randn(4, 197, 384, device=DEV, dtype=torch.bfloat16)
     runs = []
-    with fastvit.use_backend(TRITON):
+    with fastvit.use_backend(spec):
         for _ in range(2):
             y = ops.layernorm_mlp(**inputs)
             wrt = [v for v in inputs.values() if isinstance(v, torch.Tensor)]
             runs.append((y, *torch.autograd.grad(y, wrt, g)))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_compile_block_fullgraph():
+    check_compile_block_fullgraph(TRITON)
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic():
+    check_deterministic(TRITON)
 
 
 SM90_DRIVER = """

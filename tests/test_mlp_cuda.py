@@ -14,11 +14,12 @@ import textwrap
 import pytest
 import torch
 from numerics import noncontiguous, run_without_interpreter
-from test_mlp import DEV, autocast_ref, check, expanded, ln_inputs, mlp_inputs
+from test_mlp import (
+    autocast_ref, check, check_compile_block_fullgraph, check_deterministic, expanded, ln_inputs, mlp_inputs,
+)
 
 import fastvit
 from fastvit import _ext, backend, ops, reference
-from fastvit import nn as fnn
 from fastvit._library import get_op
 from fastvit.backend import BackendUnavailableError
 
@@ -287,33 +288,12 @@ def test_gpu_cuda_opcheck(ext):
 
 @pytest.mark.gpu
 def test_gpu_cuda_compile_block_fullgraph(ext):
-    torch.manual_seed(0)
-    block = fnn.Block(384, 6, qkv_bias=True).to(DEV)
-    x = torch.randn(4, 197, 384, device=DEV, requires_grad=True)
-    with fastvit.use_backend(CUDA):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            want = block(x)
-        gx_want = torch.autograd.grad(want.float().sum(), x)[0]
-        compiled = torch.compile(block, fullgraph=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            got = compiled(x)
-        gx_got = torch.autograd.grad(got.float().sum(), x)[0]
-    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(gx_got, gx_want, atol=5e-2, rtol=5e-2)
+    check_compile_block_fullgraph(CUDA)
 
 
 @pytest.mark.gpu
 def test_gpu_cuda_deterministic(ext):
-    inputs = mlp_inputs((4, 197), 384, 1536, dtype=torch.bfloat16)
-    g = torch.randn(4, 197, 384, device=DEV, dtype=torch.bfloat16)
-    runs = []
-    with fastvit.use_backend(CUDA):
-        for _ in range(2):
-            y = ops.layernorm_mlp(**inputs)
-            wrt = [v for v in inputs.values() if isinstance(v, torch.Tensor)]
-            runs.append((y, *torch.autograd.grad(y, wrt, g)))
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+    check_deterministic(CUDA)
 
 
 SANITIZED = """
