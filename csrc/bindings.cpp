@@ -236,9 +236,6 @@ MlpShapes check_mlp(const Tensor& x, const OptTensor& ln_weight, const OptTensor
   return {M, C, H, C_out, gt, align};
 }
 
-// A GEMM operand: (rows, cols) with unit column stride, 16-byte aligned rows.
-Tensor operand(const Tensor& t, int64_t align) { return rows(t, align); }
-
 // A bias as the epilogue reads it: contiguous in the GEMM dtype, 16-byte aligned (vector loads).
 OptTensor cast_bias(const OptTensor& b, at::ScalarType t) {
   if (!b.has_value()) return b;
@@ -277,12 +274,12 @@ std::vector<Tensor> mlp_forward(const Tensor& x, const OptTensor& ln_weight, con
     FV_CHECK_CUDA_CALL(op, mlp::layer_norm_fwd(dtype_of(op, "x", x.scalar_type()), s.gt, x2.data_ptr(), ld(x2), fptr(lw),
                                                fptr(lb), h.data_ptr(), C, fptr(mean), fptr(rstd), M, C,
                                                static_cast<float>(eps), stream));
-    const Tensor w1 = operand(fc1_weight, s.align), w2 = operand(fc2_weight, s.align);
+    const Tensor w1 = rows(fc1_weight, s.align), w2 = rows(fc2_weight, s.align);
     const OptTensor b1 = cast_bias(fc1_bias, gd), b2 = cast_bias(fc2_bias, gd);
     FV_CHECK_CUDA_CALL(op, mlp::linear_bias_gelu(s.gt, M, H, C, h.data_ptr(), C, w1.data_ptr(), ld(w1), optr(b1),
                                                  act.data_ptr(), H, training ? pre.data_ptr() : nullptr, H, stream));
     Tensor res2;
-    if (residual.has_value()) res2 = operand(residual->to(out_dtype), out_dtype == at::kFloat ? 4 : s.align);
+    if (residual.has_value()) res2 = rows(residual->to(out_dtype), out_dtype == at::kFloat ? 4 : s.align);
     FV_CHECK_CUDA_CALL(op, mlp::linear_bias_residual(s.gt, dtype_of(op, "residual", out_dtype), M, C_out, H,
                                                      act.data_ptr(), H, w2.data_ptr(), ld(w2), optr(b2),
                                                      res2.defined() ? res2.data_ptr() : nullptr,
@@ -347,8 +344,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp
                act2 = saved("act", act, {M, H}, gd, x, s.align);
   const Tensor mean2 = saved("mean", mean, {M}, at::kFloat, x, 0), rstd2 = saved("rstd", rstd, {M}, at::kFloat, x, 0);
   const Tensor dy2 = rows(dy);  // stride-0 gradients are copied here
-  const Tensor dyg = operand(dy2.scalar_type() == gd ? dy2 : dy2.to(gd), s.align);
-  const Tensor w1 = operand(fc1_weight, s.align), w2 = operand(fc2_weight, s.align);
+  const Tensor dyg = rows(dy2.scalar_type() == gd ? dy2 : dy2.to(gd), s.align);
+  const Tensor w1 = rows(fc1_weight, s.align), w2 = rows(fc2_weight, s.align);
 
   // dA = (dY W2) * GELU'(pre), with db1's fp32 partials (one row per row tile) from the same epilogue;
   // db2 as the column sums of dY.
