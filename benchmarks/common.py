@@ -316,11 +316,12 @@ def default_out() -> pathlib.Path:
 
 
 def markdown_table(rows: list[dict], columns: list[str], headers: list[str] | None = None) -> str:
-    """A markdown table of ``rows`` restricted to ``columns`` (floats to 3 significant digits)."""
+    """A markdown table of ``rows`` restricted to ``columns`` (floats to 3 significant digits, or whole
+    numbers with thousands separators from 1,000 up)."""
 
     def fmt(v) -> str:
         if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:,.0f}"
+            return f"{v:.3g}" if abs(v) < 1e3 else f"{v:,.0f}"  # 2,560 img/s, not 2.56e+03
         return "" if v is None else str(v)
 
     lines = ["| " + " | ".join(headers or columns) + " |", "|" + "---|" * len(columns)]

@@ -2,10 +2,12 @@
 (on a machine without a GPU: the Triton interpreter on CPU), float32, correctness only — no timings.
 
 A check runs its forward and the backward to every input and parameter three times: the eager
-reference in float64 (``ref64``), the eager reference in float32, and each fused backend in float32,
-from the same float32 draws. Each output and gradient must satisfy the project's numerics rule
-(DESIGN.md, tests/numerics.py): ``max|fused - ref64| <= 2 max|eager - ref64| + 2 eps(fp32) max|ref64|``,
-NaN never passing; kernel outputs are NaN-poisoned before they are written, so a missed element fails.
+reference in float64 (``ref64``), the eager reference in the test dtype, and each fused backend in the
+test dtype (float32 here; ``fastvit-gpu-check``'s parity step runs the same machinery in bf16 and
+fp16 at real shapes), from the same draws, rounded to the test dtype. Each output and gradient must
+satisfy the project's numerics rule (DESIGN.md, tests/numerics.py):
+``max|fused - ref64| <= 2 max|eager - ref64| + 2 eps(dtype) max|ref64|``, NaN never passing; kernel
+outputs are NaN-poisoned before they are written, so a missed element fails.
 """
 
 from __future__ import annotations
@@ -33,10 +35,13 @@ class SmokeCheck:
     families: tuple[str, ...] = field(default=())
 
 
+_DRAW_DTYPE = torch.float32  # the test dtype of the checks running now: every draw is rounded to it
+
+
 def draw(*shape: int, dtype: torch.dtype, device: str, grad: bool = True, scale: float = 1.0) -> torch.Tensor:
-    """A leaf drawn in float32 from the global RNG, then cast to ``dtype`` (the float64 reference sees
-    the float32 values exactly)."""
-    t = (torch.randn(*shape) * scale).to(device=device, dtype=dtype)
+    """A leaf drawn in float32 from the global RNG, rounded to the test dtype, then cast to ``dtype``
+    (the float64 reference sees exactly the values the test-dtype runs see)."""
+    t = (torch.randn(*shape) * scale).to(_DRAW_DTYPE).to(device=device, dtype=dtype)
     return t.requires_grad_(grad)
 
 
@@ -48,15 +53,15 @@ def _run(check: SmokeCheck, dtype: torch.dtype, device: str, backends: dict[str,
     forward, leaves = check.build(dtype, device)
     with fastvit.use_backend(backends):
         y = forward()
-        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=y.dtype)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(_DRAW_DTYPE).to(device=device, dtype=y.dtype)
         grads = torch.autograd.grad(y, list(leaves), g, allow_unused=True)
     return [y.detach(), *grads]
 
 
-def _compare(fused, eager, ref) -> tuple[float, float, str | None]:
+def _compare(fused, eager, ref, dtype: torch.dtype = torch.float32) -> tuple[float, float, str | None]:
     """The max error and tolerance of the output or gradient nearest to failing (largest error over
     tolerance), and its name when it fails (NaN fails)."""
-    eps = torch.finfo(torch.float32).eps
+    eps = torch.finfo(dtype).eps
     rows = []
     for i, (f, e, r) in enumerate(zip(fused, eager, ref)):
         if r is None:
@@ -73,23 +78,28 @@ def _compare(fused, eager, ref) -> tuple[float, float, str | None]:
     return err, tol, (what if ratio > 1 else None)
 
 
-def run_checks(checks: Iterable[SmokeCheck], device: str, progress: Callable = iter) -> list[dict]:
-    """One record per (check, fused backend): max error, tolerance, passed."""
+def run_checks(checks: Iterable[SmokeCheck], device: str, progress: Callable = iter,
+               dtype: torch.dtype = torch.float32, emit: Callable[[dict], None] | None = None) -> list[dict]:
+    """One record per (check, fused backend): max error, tolerance, passed; in ``dtype`` (float32, or
+    bf16 / fp16 on a GPU). ``emit`` gets each record the moment it is made."""
+    global _DRAW_DTYPE
     from fastvit import _library
 
     from benchmarks.common import backend_specs
 
-    records = []
+    records = _Records(emit)
+    name = {torch.float32: "float32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
     _library.poison_outputs(True)
+    _DRAW_DTYPE = dtype
     try:
         for check in progress(list(checks)):
             fams = check.families or (check.family,)
             eager = dict.fromkeys(fams, "eager")
-            base = {"family": check.family, "case": check.name, "shape": check.shape, "dtype": "float32",
+            base = {"family": check.family, "case": check.name, "shape": check.shape, "dtype": name,
                     "mode": "fwd+bwd", "device": device}
             try:
                 ref = _run(check, torch.float64, device, eager)
-                ref_e = _run(check, torch.float32, device, eager)
+                ref_e = _run(check, dtype, device, eager)
             except Exception as e:  # noqa: BLE001 -- recorded as a failure, the run goes on
                 records.append({**base, "variant": "eager", "passed": False, "error": f"{type(e).__name__}: {e}"})
                 continue
@@ -99,7 +109,7 @@ def run_checks(checks: Iterable[SmokeCheck], device: str, progress: Callable = i
             for b, spec in specs.items():
                 rec = {**base, "variant": f"fastvit[{b}]", "backends": spec}
                 try:
-                    err, tol, failed = _compare(_run(check, torch.float32, device, spec), ref_e, ref)
+                    err, tol, failed = _compare(_run(check, dtype, device, spec), ref_e, ref, dtype)
                     rec.update(max_err=err, tol=tol, passed=failed is None)
                     if failed:
                         rec["error"] = f"{failed} exceeds the tolerance"
@@ -108,4 +118,18 @@ def run_checks(checks: Iterable[SmokeCheck], device: str, progress: Callable = i
                 records.append(rec)
     finally:
         _library.poison_outputs(False)
-    return records
+        _DRAW_DTYPE = torch.float32
+    return list(records)
+
+
+class _Records(list):
+    """A list that hands each appended record to ``emit`` as well."""
+
+    def __init__(self, emit: Callable[[dict], None] | None):
+        super().__init__()
+        self.emit = emit
+
+    def append(self, rec: dict) -> None:
+        super().append(rec)
+        if self.emit is not None:
+            self.emit(rec)

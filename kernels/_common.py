@@ -12,6 +12,25 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+AUTOTUNE_MODES = {"full": None, "quick": 2}  # mode -> most configs tried per autotuned kernel (None: all)
+
+
+def autotune_mode() -> str:
+    """``FASTVIT_AUTOTUNE``: ``"full"`` (default) tries every config of an autotuned kernel, ``"quick"`` at
+    most the first two (the best guesses come first in every list); read when a kernel's autotuner is
+    built, i.e. at its first launch. A short GPU session (``fastvit-gpu-check``) runs ``quick``."""
+    mode = os.environ.get("FASTVIT_AUTOTUNE", "full").strip().lower() or "full"
+    if mode not in AUTOTUNE_MODES:
+        raise ValueError(f"FASTVIT_AUTOTUNE={mode!r}: expected one of {', '.join(AUTOTUNE_MODES)}")
+    return mode
+
+
+def autotune_configs(configs: list) -> list:
+    """The autotuning candidates to try under ``FASTVIT_AUTOTUNE``: all of ``configs``, or the first two."""
+    most = AUTOTUNE_MODES[autotune_mode()]
+    return list(configs) if most is None else list(configs[:most])
+
+
 def input_precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s input_precision: fp32 operands use TF32 only where PyTorch allows it for matmuls."""
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:

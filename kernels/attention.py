@@ -49,7 +49,7 @@ import triton.language as tl
 
 from fastvit import reference
 from fastvit._library import FusedOp, get_op, new_output, op_name, wire_autograd
-from fastvit.kernels._common import input_precision, interpreting, wrap_triton
+from fastvit.kernels._common import autotune_configs, input_precision, interpreting, wrap_triton
 
 LOG2E = 1.4426950408889634
 
@@ -355,7 +355,7 @@ def _launch(kind: str, Nq: int, Nk: int, dtype: torch.dtype):
         return _KERNELS[kind], {**meta, **fixed}
     tuned_key = (kind, dtype == torch.float32)
     if tuned_key not in _tuned:  # built lazily: the interpreter has no driver to autotune with
-        _tuned[tuned_key] = triton.autotune(configs=_configs(*tuned_key), key=["Nq", "Nk", "D"])(_KERNELS[kind])
+        _tuned[tuned_key] = triton.autotune(configs=autotune_configs(_configs(*tuned_key)), key=["Nq", "Nk", "D"])(_KERNELS[kind])
     return _tuned[tuned_key], fixed
 
 

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from fastvit._library import FusedOp, get_op, new_output, op_name, wire_autograd
-from fastvit.kernels._common import input_precision, interpreting, wrap_triton
+from fastvit.kernels._common import autotune_configs, input_precision, interpreting, wrap_triton
 
 # ----------------------------------------------------------------------------------------------
 # Index helpers
@@ -653,7 +653,7 @@ def _tuned(name: str):
             _cfg({"BM": 128, "BN": 64, "BK": 64}, 4, 4),
             _cfg({"BM": 64, "BN": 64, "BK": 32}, 4, 3),
         ]
-        return triton.autotune(configs, key=["M", "D", "K", "PRE_NORM", "POST_NORM"])(_patch_embed_fwd)
+        return triton.autotune(autotune_configs(configs), key=["M", "D", "K", "PRE_NORM", "POST_NORM"])(_patch_embed_fwd)
     if name == "dw":
         configs = [
             _cfg({"BM": 64, "BD": 128, "BK": 128}, 8, 3),
@@ -662,7 +662,7 @@ def _tuned(name: str):
             _cfg({"BM": 64, "BD": 128, "BK": 64}, 4, 4),
             _cfg({"BM": 32, "BD": 64, "BK": 64}, 4, 3),
         ]
-        return triton.autotune(configs, key=["D", "K", "CHUNK", "PRE_NORM"])(_patch_dw)
+        return triton.autotune(autotune_configs(configs), key=["D", "K", "CHUNK", "PRE_NORM"])(_patch_dw)
     if name == "dx":
         configs = [
             _cfg({"BM": 128, "BK": 128, "BD": 64}, 8, 3),
@@ -671,7 +671,7 @@ def _tuned(name: str):
             _cfg({"BM": 64, "BK": 128, "BD": 64}, 4, 4),
             _cfg({"BM": 64, "BK": 64, "BD": 32}, 4, 3),
         ]
-        return triton.autotune(configs, key=["M", "D", "K", "PRE_NORM"])(_patch_dx)
+        return triton.autotune(autotune_configs(configs), key=["M", "D", "K", "PRE_NORM"])(_patch_dx)
     raise KeyError(name)
 
 

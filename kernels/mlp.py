@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from fastvit._library import FusedOp, get_op, new_output, op_name, wire_autograd
-from fastvit.kernels._common import input_precision, interpreting, wrap_triton
+from fastvit.kernels._common import autotune_configs, input_precision, interpreting, wrap_triton
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
@@ -309,7 +309,7 @@ _KEY = ["M", "N", "K", "EPILOGUE", "HAS_RES", "COLSUM_OUT", "COLSUM_A", "INPUT_P
 @functools.lru_cache(maxsize=None)
 def _mm_autotuned(fixed_block_m: int | None, fp32: bool):
     """The GPU entry point: _mm_kernel autotuned over the config list (built once per list, on first use)."""
-    return triton.autotune(configs=_mm_configs(fixed_block_m, fp32), key=_KEY)(_mm_kernel)
+    return triton.autotune(configs=autotune_configs(_mm_configs(fixed_block_m, fp32)), key=_KEY)(_mm_kernel)
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:

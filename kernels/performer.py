@@ -111,7 +111,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from fastvit._library import FusedOp, get_op, new_output, op_name, wire_autograd
-from fastvit.kernels._common import input_precision, interpreting, wrap_triton
+from fastvit.kernels._common import autotune_configs, input_precision, interpreting, wrap_triton
 
 FN = "performer_attention"  # emb, m <= 128 and the other limits: fastvit.ops.performer._triton_why_not
 
@@ -524,9 +524,9 @@ def _tuned(name: str):
     """The GPU entry point: the kernel autotuned over a few configurations (created lazily)."""
     if name not in _TUNED:
         if name == "wgrad":
-            _TUNED[name] = triton.autotune(_wgrad_configs(), key=["N", "DIM", "E3"])(_wgrad_kernel)
+            _TUNED[name] = triton.autotune(autotune_configs(_wgrad_configs()), key=["N", "DIM", "E3"])(_wgrad_kernel)
         else:
-            _TUNED[name] = triton.autotune(_tile_configs(), key=["T", "DIM", "E", "M"])(_TILE_KERNELS[name])
+            _TUNED[name] = triton.autotune(autotune_configs(_tile_configs()), key=["T", "DIM", "E", "M"])(_TILE_KERNELS[name])
     return _TUNED[name]
 
 
