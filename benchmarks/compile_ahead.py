@@ -120,7 +120,29 @@ def _compile(job: tuple) -> str:
         return f"FAILED {what}: {type(e).__name__}: {' | '.join(str(e).strip().splitlines())[-800:]}"
     if k.metadata.shared > SM90_MAX_SHARED:
         return f"FAILED {what}: shared memory {k.metadata.shared} > {SM90_MAX_SHARED}"
-    return f"ok {what} smem {k.metadata.shared} {time.perf_counter() - start:.1f}s"
+    usage = resource_usage(k.asm.get("cubin", b""))
+    regs = f" regs {usage['REG']} stack {usage['STACK']}" if usage else ""
+    return f"ok {what} smem {k.metadata.shared}{regs} {time.perf_counter() - start:.1f}s"
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """Registers per thread (``REG``) and stack-frame bytes per thread (``STACK``: where a kernel at the
+    255-register limit spills) of a compiled kernel, read by the ``cuobjdump`` Triton ships; {} without it."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    exe = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not cubin or not os.path.exists(exe):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([exe, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    return dict(zip(("REG", "STACK", "SHARED", "LOCAL"), map(int, m.groups()))) if m else {}
 
 
 def compile_all(arch: int = 90, jobs: int | None = None, out=sys.stdout) -> tuple[int, int]:

@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "mlp.cuh"
+#include "mlp_split_k.h"
 
 namespace fastvit {
 namespace mlp {
@@ -349,10 +350,7 @@ int matmul_tn_split_k(DType t, int M, int N, int K, int num_sms) {
   return with_gemm(t, [&](auto g) {
     using G = decltype(g);
     const int64_t tiles = static_cast<int64_t>((M + G::tile_m() - 1) / G::tile_m()) * ((N + G::tile_n() - 1) / G::tile_n());
-    if (tiles == 0 || tiles >= num_sms) return 1;
-    const int64_t by_sms = (num_sms + tiles - 1) / tiles;
-    const int64_t by_k = std::max<int64_t>(1, K / 1024);  // at least 1024 rows of K per slice
-    return static_cast<int>(std::min<int64_t>({by_sms, by_k, 16}));
+    return wave_split_k(tiles, K, num_sms);  // one 128 x 128 block per SM (the 4-stage pipeline's shared memory)
   });
 }
 

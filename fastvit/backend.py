@@ -2,8 +2,9 @@
 
 Every public op belongs to a family (``embed``, ``attention``, ``performer``, ``mlp``), and each
 family runs on one backend: ``"eager"`` (``fastvit.reference``, plain PyTorch), ``"triton"``,
-``"cuda"``, or ``"auto"``, which picks per call the first of cuda, triton, eager that can serve the
-inputs. The choice is process-wide module state, set by :func:`use_backend` and read only by the
+``"cuda"``, or ``"auto"``, which picks per call the first backend that can serve the inputs in the
+order :func:`auto_order` gives for the family and the GPU's architecture (measured, or Triton
+before CUDA), eager last. The choice is process-wide module state, set by :func:`use_backend` and read only by the
 Python front of each op (never inside an op body, where ``torch.compile`` would bake it in).
 ``FASTVIT_BACKEND`` (``"triton"`` or ``"mlp=cuda,attention=triton"``) is read once when fastvit
 is imported.
@@ -30,7 +31,16 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "mlp": ("layer_norm", "layernorm_mlp"),
 }
 FUNCTIONS: dict[str, str] = {fn: fam for fam, fns in FAMILIES.items() for fn in fns}
-AUTO_ORDER = ("cuda", "triton", "eager")
+BACKEND_ORDER = ("triton", "cuda", "eager")  # how backends are listed (implementations(), messages)
+
+# "auto"'s order of the fused backends per (family, GPU architecture = compute capability major), the
+# fastest measured first. Every entry cites the committed result it was read from (a test checks that
+# the file exists): {("mlp", 9): (("triton", "cuda"), "benchmarks/results/h200/<date>-<commit>/summary.md")}.
+# Without an entry Triton comes before CUDA (DESIGN.md): the CUDA GEMMs are CUTLASS 2.x mma.sync
+# kernels, which on Hopper usually reach about half of cuBLAS, while Triton compiles to wgmma.
+# No GPU result is committed yet, so the table is empty.
+AUTO_ORDER_MEASURED: dict[tuple[str, int], tuple[tuple[str, ...], str]] = {}
+AUTO_ORDER_DEFAULT = ("triton", "cuda")
 ENV_VAR = "FASTVIT_BACKEND"
 
 
@@ -151,8 +161,28 @@ def availability(backend: str, auto: bool = False) -> str | None:
 
 
 def implementations(fn: str) -> tuple[str, ...]:
-    """The backends that have an implementation of ``fn``, in auto order."""
-    return tuple(b for b in AUTO_ORDER if b in _impls[fn])
+    """The backends that have an implementation of ``fn`` (triton, cuda, eager order)."""
+    return tuple(b for b in BACKEND_ORDER if b in _impls[fn])
+
+
+def auto_order(family: str, arch: int | None) -> tuple[str, ...]:
+    """The backends ``"auto"`` tries for ``family`` on a GPU of compute capability ``arch``.x (None: no
+    GPU input), eager last: the measured order from ``AUTO_ORDER_MEASURED``, else Triton before CUDA."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown op family {family!r}; families are {tuple(FAMILIES)}")
+    fused = AUTO_ORDER_MEASURED.get((family, arch), (AUTO_ORDER_DEFAULT, ""))[0] if arch is not None else ()
+    return (*fused, "eager")
+
+
+@torch.compiler.assume_constant_result  # a constant to torch.compile, like availability()
+def _arch(index: int) -> int:
+    """Compute capability major of CUDA device ``index`` (cached)."""
+    if index not in _arch_cache:
+        _arch_cache[index] = torch.cuda.get_device_capability(index)[0]
+    return _arch_cache[index]
+
+
+_arch_cache: dict[int, int] = {}
 
 
 def _parse(spec) -> dict[str, str]:
@@ -224,10 +254,13 @@ def get_backend(family: str | None = None) -> str | dict[str, str]:
     return _state[family]
 
 
-def _auto_considers_fused(args, kwargs) -> bool:
-    """auto looks at the fused backends only for CUDA inputs."""
+def _auto_arch(args, kwargs) -> int | None:
+    """The compute capability major of the first tensor input's GPU; None for CPU (or meta) inputs,
+    for which auto looks at eager only."""
     x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-    return x is not None and x.device.type == "cuda"
+    if x is None or x.device.type != "cuda":
+        return None
+    return _arch(x.device.index if x.device.index is not None else torch.cuda.current_device())
 
 
 def select(fn: str, *args, **kwargs) -> Impl:
@@ -239,12 +272,11 @@ def select(fn: str, *args, **kwargs) -> Impl:
     name = _state[FUNCTIONS[fn]]
     impls = _impls[fn]
     if name == "auto":
-        fused_ok = _auto_considers_fused(args, kwargs)
-        for b in AUTO_ORDER:
+        for b in auto_order(FUNCTIONS[fn], _auto_arch(args, kwargs)):
             impl = impls.get(b)
             if impl is None:
                 continue
-            if b != "eager" and (not fused_ok or availability(b, auto=True) is not None):
+            if b != "eager" and availability(b, auto=True) is not None:
                 continue
             if impl.reason(*args, **kwargs) is None:
                 return impl

@@ -31,6 +31,12 @@ def autotune_configs(configs: list) -> list:
     return list(configs) if most is None else list(configs[:most])
 
 
+def bucket(n: int) -> int:
+    """An autotuning key for a size that follows the batch (rows, K = rows): the next power of two, so a
+    new batch size (the last partial batch, evaluation) reuses the tuning of its power-of-two bucket."""
+    return 1 << max(4, (max(int(n), 1) - 1).bit_length())
+
+
 def input_precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s input_precision: fp32 operands use TF32 only where PyTorch allows it for matmuls."""
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:

@@ -355,7 +355,10 @@ def _launch(kind: str, Nq: int, Nk: int, dtype: torch.dtype):
         return _KERNELS[kind], {**meta, **fixed}
     tuned_key = (kind, dtype == torch.float32)
     if tuned_key not in _tuned:  # built lazily: the interpreter has no driver to autotune with
-        _tuned[tuned_key] = triton.autotune(configs=autotune_configs(_configs(*tuned_key)), key=["Nq", "Nk", "D"])(_KERNELS[kind])
+        kernel = _KERNELS[kind]  # keyed on the lengths, the head dim and every flag (mask kind, ...) of the kernel
+        flags = [p.name for p in kernel.params if p.is_constexpr and not p.name.startswith("BLOCK_")]
+        configs = autotune_configs(_configs(*tuned_key))
+        _tuned[tuned_key] = triton.autotune(configs=configs, key=["Nq", "Nk", "D", *flags])(kernel)
     return _tuned[tuned_key], fixed
 
 

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from fastvit._library import FusedOp, get_op, new_output, op_name, wire_autograd
-from fastvit.kernels._common import autotune_configs, input_precision, interpreting, wrap_triton
+from fastvit.kernels._common import autotune_configs, bucket, input_precision, interpreting, wrap_triton
 
 # ----------------------------------------------------------------------------------------------
 # Index helpers
@@ -124,7 +124,7 @@ def _patch_embed_fwd(
     x_ptr, w_ptr, bias_ptr, pos_ptr, cls_ptr, prew_ptr, preb_ptr, postw_ptr, postb_ptr,
     out_ptr, z_ptr, mu1_ptr, r1_ptr, mu2_ptr, r2_ptr,
     M, L, WP, C, D, K,
-    sxb, sxc, sxh, sxw, swd, swc, swi, swj, spt, spd, sob, sot, szb, szt, eps,
+    sxb, sxc, sxh, sxw, swd, swc, swi, swj, spt, spd, sob, sot, szb, szt, eps, M_BUCKET,
     PH: tl.constexpr, PW: tl.constexpr, HWC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_CLS: tl.constexpr,
     PRE_NORM: tl.constexpr, PRE_W: tl.constexpr, PRE_B: tl.constexpr,
     POST_NORM: tl.constexpr, POST_W: tl.constexpr, POST_B: tl.constexpr, SAVE: tl.constexpr,
@@ -301,7 +301,7 @@ def _patch_post_ln_bwd(
 def _patch_dw(
     x_ptr, dz_ptr, mu1_ptr, r1_ptr, part_ptr,
     M, L, WP, C, D, K, CHUNK,
-    sxb, sxc, sxh, sxw, szb, szt, szd,
+    sxb, sxc, sxh, sxw, szb, szt, szd, M_BUCKET,
     PH: tl.constexpr, PW: tl.constexpr, HWC: tl.constexpr, PRE_NORM: tl.constexpr,
     BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -386,7 +386,7 @@ def _patch_dw_finish(
 @triton.jit
 def _patch_dx(
     dz_ptr, w_ptr, prew_ptr, dx_ptr, M, L, WP, C, D, K,
-    szb, szt, szd, swd, swc, swi, swj, sgb, sgc, sgh, sgw,
+    szb, szt, szd, swd, swc, swi, swj, sgb, sgc, sgh, sgw, M_BUCKET,
     PH: tl.constexpr, PW: tl.constexpr, HWC: tl.constexpr, PRE_NORM: tl.constexpr, PRE_W: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -641,19 +641,25 @@ def _cfg(c: dict, warps: int, stages: int) -> triton.Config:
     return triton.Config(c, num_warps=warps, num_stages=stages)
 
 
+# Autotuning keys: rows (M = batch x patches) bucketed to a power of two, so a new batch size does not
+# re-tune; every flag that changes the compiled kernel.
+_FWD_KEY = ["M_BUCKET", "D", "K", "HWC", "HAS_BIAS", "HAS_POS", "HAS_CLS", "PRE_NORM", "PRE_W", "PRE_B", "POST_NORM",
+            "POST_W", "POST_B", "SAVE", "INPUT_PRECISION"]
+
+
 @functools.cache
 def _tuned(name: str):
     """The GPU entry point of a GEMM kernel: triton.autotune over a few tiles, keyed on the shape."""
     if name == "fwd":
+        # 128x256 (8 warps) and 128x128x32 (4 warps) spilled at sm_90 (328 and 112 stack bytes in timm's
+        # form); the vit-pytorch form with both LayerNorms fused spills in every tile, least at 128x64.
         configs = [
             _cfg({"BM": 128, "BN": 128, "BK": 64}, 8, 3),
-            _cfg({"BM": 128, "BN": 256, "BK": 64}, 8, 3),
-            _cfg({"BM": 128, "BN": 128, "BK": 32}, 4, 4),
-            _cfg({"BM": 64, "BN": 128, "BK": 64}, 4, 4),
             _cfg({"BM": 128, "BN": 64, "BK": 64}, 4, 4),
+            _cfg({"BM": 64, "BN": 128, "BK": 64}, 4, 4),
             _cfg({"BM": 64, "BN": 64, "BK": 32}, 4, 3),
         ]
-        return triton.autotune(autotune_configs(configs), key=["M", "D", "K", "PRE_NORM", "POST_NORM"])(_patch_embed_fwd)
+        return triton.autotune(autotune_configs(configs), key=_FWD_KEY)(_patch_embed_fwd)
     if name == "dw":
         configs = [
             _cfg({"BM": 64, "BD": 128, "BK": 128}, 8, 3),
@@ -662,7 +668,8 @@ def _tuned(name: str):
             _cfg({"BM": 64, "BD": 128, "BK": 64}, 4, 4),
             _cfg({"BM": 32, "BD": 64, "BK": 64}, 4, 3),
         ]
-        return triton.autotune(autotune_configs(configs), key=["D", "K", "CHUNK", "PRE_NORM"])(_patch_dw)
+        key = ["M_BUCKET", "D", "K", "HWC", "PRE_NORM", "INPUT_PRECISION"]
+        return triton.autotune(autotune_configs(configs), key=key)(_patch_dw)
     if name == "dx":
         configs = [
             _cfg({"BM": 128, "BK": 128, "BD": 64}, 8, 3),
@@ -671,7 +678,8 @@ def _tuned(name: str):
             _cfg({"BM": 64, "BK": 128, "BD": 64}, 4, 4),
             _cfg({"BM": 64, "BK": 64, "BD": 32}, 4, 3),
         ]
-        return triton.autotune(autotune_configs(configs), key=["M", "D", "K", "PRE_NORM"])(_patch_dx)
+        key = ["M_BUCKET", "D", "K", "HWC", "PRE_NORM", "PRE_W", "INPUT_PRECISION"]
+        return triton.autotune(autotune_configs(configs), key=key)(_patch_dx)
     raise KeyError(name)
 
 
@@ -773,7 +781,7 @@ def patch_embed_forward(x, weight, bias, pos_embed, cls_token, pre_w, pre_b, pos
         out, z if post_norm else None, mu1 if save and pre_norm else None, r1 if save and pre_norm else None,
         mu2 if save and post_norm else None, r2 if save and post_norm else None,
         M, L, WP, C, D, K, *x.stride(), swd, swc, swi, swj, spt, spd, out.stride(0), out.stride(1),
-        szb, szt, eps,
+        szb, szt, eps, bucket(M),
     )
     consts = dict(
         PH=ph, PW=pw, HWC=hwc, HAS_BIAS=bias is not None, HAS_POS=pos_embed is not None, HAS_CLS=has_cls,
@@ -869,7 +877,7 @@ def patch_embed_backward(dy, x, weight, bias, pos_embed, cls_token, pre_w, pre_b
                 "dw", _patch_dw,
                 lambda t: (S * triton.cdiv(D, t["BD"]) * triton.cdiv(K, t["BK"]),),
                 (x, dz, mu1 if pre_norm else None, r1 if pre_norm else None, part, M, L, WP, C, D, K, chunk,
-                 *x.stride(), szb, szt, szd),
+                 *x.stride(), szb, szt, szd, bucket(M)),
                 dict(PH=ph, PW=pw, HWC=hwc, PRE_NORM=pre_norm, INPUT_PRECISION=input_precision(dz.dtype)),
                 {"BM": chunk, "BD": D, "BK": K},
             )
@@ -901,7 +909,7 @@ def patch_embed_backward(dy, x, weight, bias, pos_embed, cls_token, pre_w, pre_b
             "dx", _patch_dx,
             lambda t: (triton.cdiv(M, t["BM"]) * triton.cdiv(K, t["BK"]),),
             (dz, weight, pre_w.contiguous() if pre_norm and pre_w is not None else None,
-             scratch if pre_norm else dx, M, L, WP, C, D, K, szb, szt, szd, swd, swc, swi, swj, *dx.stride()),
+             scratch if pre_norm else dx, M, L, WP, C, D, K, szb, szt, szd, swd, swc, swi, swj, *dx.stride(), bucket(M)),
             dict(PH=ph, PW=pw, HWC=hwc, PRE_NORM=pre_norm, PRE_W=pre_norm and pre_w is not None,
                  INPUT_PRECISION=input_precision(dz.dtype)),
             {"BM": M, "BK": K, "BD": D},

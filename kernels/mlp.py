@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from fastvit._library import FusedOp, get_op, new_output, op_name, wire_autograd
-from fastvit.kernels._common import autotune_configs, input_precision, interpreting, wrap_triton
+from fastvit.kernels._common import autotune_configs, bucket, input_precision, interpreting, wrap_triton
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
@@ -181,7 +181,7 @@ def _mm_epilogue(
 @triton.jit
 def _mm_kernel(
     A, B, Cp, BIAS, AUX, RES, PSUM_OUT, PSUM_A,
-    M, N, K, K_PER_SPLIT,
+    M, N, K, K_PER_SPLIT, M_BUCKET, K_BUCKET,
     stride_am, stride_ak, stride_bn, stride_bk,
     stride_cs, stride_cm, stride_cn,
     stride_xm, stride_xn, stride_rm, stride_rn,
@@ -195,7 +195,8 @@ def _mm_kernel(
     A is cast to B's dtype for tl.dot (B is always in the GEMM dtype); the accumulator is fp32.
     EPILOGUE: 0 plain, 1 bias + GELU (pre-activation to AUX if STORE_AUX), 2 bias (+ RES),
     3 times GELU'(AUX). COLSUM_OUT: column sums of the epilogue's result to PSUM_OUT[pid_m, :];
-    COLSUM_A: column sums of A's rows (pid_n == 0 programs) to PSUM_A[pid_m, :].
+    COLSUM_A: column sums of A's rows (pid_n == 0 programs) to PSUM_A[pid_m, :]. M_BUCKET and K_BUCKET
+    (M's and K's power-of-two buckets) are autotuning keys only.
     """
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -297,13 +298,20 @@ def _mm_configs(fixed_block_m: int | None, fp32: bool):
         ]
     if fixed_block_m is not None:
         shapes = [s for s in shapes if s[0] == fixed_block_m]
+        if not fp32 and fixed_block_m == _PSUM_BLOCK_M:
+            # The column-sum epilogues (dGELU + fc1 bias grad) hold more live registers: at sm_90 the
+            # 128x256/8-warp, 128x128/4-warp and BK=32 tiles spill (8-136 stack bytes); these two do not.
+            shapes = [(128, 128, 64, 4, 8), (128, 64, 64, 4, 4)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
         for bm, bn, bk, s, w in shapes
     ]
 
 
-_KEY = ["M", "N", "K", "EPILOGUE", "HAS_RES", "COLSUM_OUT", "COLSUM_A", "INPUT_PRECISION"]
+# Rows (M, and K = rows for the weight gradients) follow the batch: bucketed, so a new batch size does not
+# re-tune. Every flag that changes the compiled kernel is part of the key.
+_KEY = ["M_BUCKET", "N", "K_BUCKET", "EPILOGUE", "HAS_BIAS", "STORE_AUX", "HAS_RES", "COLSUM_OUT", "COLSUM_A",
+        "INPUT_PRECISION", "EPILOGUE_SUBTILE"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -327,7 +335,7 @@ def _mm(
     args = (
         a, b, c, dummy if bias is None else bias, dummy if aux is None else aux, dummy if res is None else res,
         dummy if psum_out is None else psum_out, dummy if psum_a is None else psum_a,
-        M, N, K, k_per_split, *a_strides, *b_strides, *c_strides, *aux_strides, *res_strides,
+        M, N, K, k_per_split, bucket(M), bucket(K), *a_strides, *b_strides, *c_strides, *aux_strides, *res_strides,
     )
     flags = dict(
         EPILOGUE=epilogue, HAS_BIAS=bias is not None, STORE_AUX=store_aux, HAS_RES=res is not None,
@@ -364,12 +372,38 @@ def _psum_block_m(M: int) -> int:
     return _pow2(M, 16, 64)
 
 
+SPLIT_K_MAX, SPLIT_K_MIN_ROWS, SPLIT_K_TARGET_EFFICIENCY = 16, 1024, 0.85
+
+
+def wave_efficiency(units: int, slots: int) -> float:
+    """The fraction of ``slots`` (blocks the GPU runs at once) busy over the waves ``units`` blocks take."""
+    return units / (-(-units // slots) * slots)
+
+
+def wave_split_k(tiles: int, K: int, slots: int) -> int:
+    """Slices of a weight-gradient GEMM's K (= rows): the smallest split whose wave efficiency reaches
+    0.85 (fewest fp32 partials), else the most efficient, with >= 1024 rows a slice and <= 16 slices.
+    ViT-B's dW (144 tiles of 128 x 128, 132 SMs): 1 slice runs 2 waves at 0.55, 4 slices 5 waves at
+    0.87. The same rule as csrc/mlp_split_k.h (a test compares them)."""
+    if tiles <= 0 or slots <= 0:
+        return 1
+    most = max(1, min(SPLIT_K_MAX, K // SPLIT_K_MIN_ROWS))
+    best, best_eff = 1, wave_efficiency(tiles, slots)
+    for s in range(1, most + 1):
+        eff = wave_efficiency(tiles * s, slots)
+        if eff >= SPLIT_K_TARGET_EFFICIENCY:
+            return s
+        if eff > best_eff + 1e-9:
+            best, best_eff = s, eff
+    return best
+
+
 def _split_k(tiles_m: int, tiles_n: int, K: int, ref: torch.Tensor) -> int:
-    """Split a weight-gradient GEMM's K (= rows) when its tile grid leaves SMs idle."""
+    """Split a weight-gradient GEMM's K (= rows) for the waves to fill the GPU (one 128 x 128 block
+    per SM: the bf16 configs' pipelines take 128-180 KB of shared memory)."""
     if interpreting():
         return INTERPRET_OVERRIDES.get("split_k", 1)
-    tiles = tiles_m * tiles_n
-    return max(1, min(_sms(ref) // max(tiles, 1), K // 2048, 16))
+    return wave_split_k(tiles_m * tiles_n, K, _sms(ref))
 
 
 def _ln_blocks(M: int, C: int, ref: torch.Tensor, backward: bool) -> tuple[int, int, int]:

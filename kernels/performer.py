@@ -111,7 +111,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from fastvit._library import FusedOp, get_op, new_output, op_name, wire_autograd
-from fastvit.kernels._common import autotune_configs, input_precision, interpreting, wrap_triton
+from fastvit.kernels._common import autotune_configs, bucket, input_precision, interpreting, wrap_triton
 
 FN = "performer_attention"  # emb, m <= 128 and the other limits: fastvit.ops.performer._triton_why_not
 
@@ -442,7 +442,7 @@ def _kside_bwd_kernel(
 @triton.jit
 def _wgrad_kernel(
     dkqv_ptr, x_ptr, sx_b, sx_t, sx_d, pw_ptr, pb_ptr,
-    N, T, DIM, E3, ROWS,
+    N, T, DIM, E3, ROWS, N_BUCKET,
     HAS_BIAS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     IP: tl.constexpr,
 ):
@@ -524,9 +524,13 @@ def _tuned(name: str):
     """The GPU entry point: the kernel autotuned over a few configurations (created lazily)."""
     if name not in _TUNED:
         if name == "wgrad":
-            _TUNED[name] = triton.autotune(autotune_configs(_wgrad_configs()), key=["N", "DIM", "E3"])(_wgrad_kernel)
-        else:
-            _TUNED[name] = triton.autotune(autotune_configs(_tile_configs()), key=["T", "DIM", "E", "M"])(_TILE_KERNELS[name])
+            key = ["N_BUCKET", "DIM", "E3", "HAS_BIAS", "IP"]  # N = batch x tokens, bucketed: a new batch does not re-tune
+            _TUNED[name] = triton.autotune(autotune_configs(_wgrad_configs()), key=key)(_wgrad_kernel)
+        else:  # T (tokens per image), the widths, and every flag that changes the compiled kernel
+            kernel = _TILE_KERNELS[name]
+            flags = [p.name for p in kernel.params if p.is_constexpr and not p.name.startswith("BLOCK_")]
+            key = ["T", "DIM", "E", "M", *flags]
+            _TUNED[name] = triton.autotune(autotune_configs(_tile_configs()), key=key)(kernel)
     return _TUNED[name]
 
 
@@ -683,7 +687,7 @@ def _backward(g, x, kqv_weight, kqv_bias, w, proj_weight, proj_bias, eps, dropou
                  "BLOCK_R": min(cap["BLOCK_R"], _pow2(N))}
         _launch("wgrad", dev,
                 lambda META: (triton.cdiv(3 * E, META["BLOCK_O"]), triton.cdiv(DIM, META["BLOCK_D"]), splitk),
-                (dkqv, x, *x.stride(), pw, pbias, N, T, DIM, 3 * E, rows),
+                (dkqv, x, *x.stride(), pw, pbias, N, T, DIM, 3 * E, rows, bucket(N)),
                 {"HAS_BIAS": kqv_bias is not None, "IP": input_precision(dt)}, wmeta)
         dW = pw.sum(0).to(kqv_weight.dtype)
         if kqv_bias is not None:

@@ -53,4 +53,15 @@ def check(driver: str, timeout: float = 3000) -> str:
     failures = [line for line in proc.stdout.splitlines() if line.startswith("FAILED")]
     assert proc.returncode == 0, "\n".join(failures) or f"driver failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     print(proc.stdout.splitlines()[-1])  # compiled N failed 0 (pytest -s or -rP shows it)
+    print(spill_report(proc.stdout))
     return proc.stdout
+
+
+def spill_report(log: str) -> str:
+    """The variants of a compile log whose stack frame is not empty (at 255 registers: spills), one a line,
+    after a count: ``3 of 39 variants spill``."""
+    import re
+
+    lines = [ln for ln in log.splitlines() if ln.startswith("ok ")]
+    spilling = [ln for ln in lines if (m := re.search(r" regs (\d+) stack (\d+)", ln)) and int(m.group(2)) > 0]
+    return "\n".join([f"{len(spilling)} of {len(lines)} variants spill (stack frame > 0)", *spilling])

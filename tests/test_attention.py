@@ -389,7 +389,7 @@ def test_triton_unsupported_inputs_raise_explicitly_and_auto_falls_back(monkeypa
             ops.attention(q64.double(), q64.double(), q64.double())
         with pytest.raises(BackendUnavailableError, match="float64"):
             ops.attention_qkvpacked(torch.randn(1, 5, 3 * 2 * 64, dtype=torch.float64), 2)
-    monkeypatch.setattr(backend, "_auto_considers_fused", lambda args, kwargs: True)  # as for CUDA inputs
+    monkeypatch.setattr(backend, "_auto_arch", lambda args, kwargs: 9)  # as for inputs on an sm_90 GPU
     assert backend.select("attention", q88, q88, q88, None, None, 0.0).backend == "eager"
     assert backend.select("attention", q64.double(), q64, q64, None, None, 0.0).backend == "eager"
     assert backend.select("attention", q64, q64, q64, None, None, 0.0).backend == "triton"

@@ -1,6 +1,7 @@
 """Backend selection: use_backend / get_backend, FASTVIT_BACKEND, auto's choice, clear errors."""
 
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -88,16 +89,32 @@ def test_registered_kernel_is_selected_and_refuses_with_its_reason(registry):
     assert not torch.equal(ops.attention(q, q, q), torch.zeros_like(q)) and len(calls) == 1
 
 
-def test_auto_order_cuda_triton_eager(registry, monkeypatch):
+def test_auto_order_triton_cuda_eager_without_a_measured_order(registry, monkeypatch):
     registry.register_availability("triton", lambda: None)
     registry.register_availability("cuda", lambda: None)
     registry.register("layer_norm", "triton", lambda *a: "triton", lambda x, *a: None if x.shape[-1] % 2 == 0 else "odd C")
-    registry.register("layer_norm", "cuda", lambda *a: "cuda", lambda x, *a: None if x.shape[-1] == 8 else "C != 8")
-    assert backend.select("layer_norm", torch.empty(2, 8), None, None, 1e-5).backend == "eager"  # CPU input
-    monkeypatch.setattr(backend, "_auto_considers_fused", lambda args, kwargs: True)  # as for CUDA inputs
-    assert backend.select("layer_norm", torch.empty(2, 8, device="meta"), None, None, 1e-5).backend == "cuda"
+    registry.register("layer_norm", "cuda", lambda *a: "cuda", lambda x, *a: None if x.shape[-1] % 3 == 0 else "C % 3")
+    assert backend.select("layer_norm", torch.empty(2, 6), None, None, 1e-5).backend == "eager"  # CPU input
+    monkeypatch.setattr(backend, "_auto_arch", lambda args, kwargs: 9)  # as for inputs on an sm_90 GPU
+    assert backend.auto_order("mlp", 9) == ("triton", "cuda", "eager")
     assert backend.select("layer_norm", torch.empty(2, 6, device="meta"), None, None, 1e-5).backend == "triton"
+    assert backend.select("layer_norm", torch.empty(2, 9, device="meta"), None, None, 1e-5).backend == "cuda"
     assert backend.select("layer_norm", torch.empty(2, 7, device="meta"), None, None, 1e-5).backend == "eager"
+    # a measured order for this family and architecture wins; other architectures keep the default
+    monkeypatch.setitem(backend.AUTO_ORDER_MEASURED, ("mlp", 9), (("cuda", "triton"), "benchmarks/results/x.md"))
+    assert backend.auto_order("mlp", 9) == ("cuda", "triton", "eager") and backend.auto_order("mlp", 8)[0] == "triton"
+    assert backend.auto_order("attention", 9)[0] == "triton" and backend.auto_order("mlp", None) == ("eager",)
+    assert backend.select("layer_norm", torch.empty(2, 6, device="meta"), None, None, 1e-5).backend == "cuda"
+    with pytest.raises(ValueError, match="unknown op family 'mpl'"):
+        backend.auto_order("mpl", 9)
+
+
+def test_every_measured_auto_order_cites_a_committed_result():
+    root = pathlib.Path(__file__).resolve().parents[1]
+    for (family, arch), (order, source) in backend.AUTO_ORDER_MEASURED.items():
+        assert family in backend.FAMILIES and arch >= 7, (family, arch)
+        assert set(order) <= {"triton", "cuda"} and len(set(order)) == len(order), order
+        assert source.startswith("benchmarks/results/") and (root / source).is_file(), f"{family} sm_{arch}0: {source}"
 
 
 def test_env_var_parsing(monkeypatch):

@@ -425,7 +425,7 @@ def test_triton_unsupported_inputs_raise_explicitly_and_auto_falls_back(monkeypa
             ops.embed.soft_split_layer_norm(wide, 3, 1, 1)
         with pytest.raises(BackendUnavailableError, match="Triton kernels need CUDA tensors"):
             ops.patch_embed(x.float().to("meta"), w.float().to("meta"), None, 4)
-    monkeypatch.setattr(backend, "_auto_considers_fused", lambda args, kwargs: True)  # as for CUDA inputs
+    monkeypatch.setattr(backend, "_auto_arch", lambda args, kwargs: 9)  # as for inputs on an sm_90 GPU
     assert backend.select("patch_embed", x, w, None, (4, 4), None, None).backend == "eager"
     assert backend.select("patch_embed", x.float(), w.float(), None, (4, 4), None, None).backend == "triton"
     assert backend.select("soft_split_layer_norm", wide, (3, 3), (1, 1), (1, 1), None, None, 1e-5).backend == "eager"

@@ -220,6 +220,19 @@ def test_gpu_cuda_layernorm_mlp(ext, lead, C, hidden, C_out, dtype, residual):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_cuda_split_k_weight_gradients(ext, dtype):
+    """32 x 197 rows, C 384, hidden 1536: the dW GEMMs take CUTLASS's serial split-K (the rule of
+    csrc/mlp_split_k.h, the same as kernels/mlp.py's, gives > 1 slice here) and pass the numerics rule."""
+    from fastvit.kernels import mlp as mlp_kernels
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for M, N in ((1536, 384), (384, 1536)):
+        assert mlp_kernels.wave_split_k(-(-M // 128) * -(-N // 128), 32 * 197, sms) > 1
+    check(on_cuda(ops.layernorm_mlp), reference.layernorm_mlp, mlp_inputs((32, 197), 384, 1536, dtype=dtype), dtype)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("shape, dtype", [((4, 197, 768), torch.bfloat16), ((7, 147), torch.float32),
                                           ((2, 577, 1024), torch.float16), ((3, 785, 147), torch.bfloat16),
                                           ((1, 1, 8192), torch.float32)])
@@ -248,11 +261,15 @@ def test_gpu_cuda_noncontiguous_expanded_grad_no_biases(ext, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_unaligned_widths_raise_and_auto_falls_back(ext):
+def test_gpu_cuda_unaligned_widths_raise_and_auto_falls_back(ext, monkeypatch):
     kw = mlp_inputs((1, 7), 147, 441, dtype=torch.bfloat16)
     with fastvit.use_backend(CUDA), pytest.raises(BackendUnavailableError, match="multiples of 8 for torch.bfloat16"):
         ops.layernorm_mlp(**kw)
+    arch = torch.cuda.get_device_capability()[0]  # as if a measured order put CUDA first here
+    monkeypatch.setitem(backend.AUTO_ORDER_MEASURED, ("mlp", arch), (("cuda", "triton"), "benchmarks/results/x.md"))
     assert backend.select("layernorm_mlp", *kw.values(), 0.0).backend == "triton"
+    aligned = mlp_inputs((1, 7), 64, 256, dtype=torch.bfloat16)
+    assert backend.select("layernorm_mlp", *aligned.values(), 0.0).backend == "cuda"
 
 
 @pytest.mark.gpu
