@@ -7,8 +7,8 @@ implements the op here:
    N = 197, D = 64, heads 6/12/16), ViT-B at 384 (N = 577) and N = 3136 (56 x 56 tokens), against
    ``F.scaled_dot_product_attention`` under each ``torch.nn.attention.sdpa_kernel`` backend (flash,
    cuDNN, memory-efficient), eager ``softmax(q k^T * scale) v`` and ``torch.compile`` of that eager code.
-   At N <= 256 also fastvit with the one-pass backward forced (``FUSED_BWD_MAX_TILE = 256 * D``), to
-   decide that threshold on the GPU.
+   At N <= 256 also fastvit with the two-pass backward forced (``FUSED_BWD_MAX_KEYS = 0``), to check on
+   the GPU the one-pass threshold that the sm_90 spill report set (one pass up to 256 keys at D = 64).
 2. The packed path end to end, qkv projection output (B, N, 3C) -> output projection input (B, N, C):
    ``fastvit.ops.attention_qkvpacked`` vs timm's ``Attention`` core (reshape, permute, unbind, SDPA,
    transpose, reshape), and the whole modules (``fastvit.nn.Attention`` vs ``timm.layers.Attention``,
@@ -21,11 +21,13 @@ dense bf16 and 3.35 TB/s:
   (+ 2.4 MB lse) -> 0.093 ms. Memory-bound: floor 0.093 ms.
 - forward + backward: 3.5 x 30.5 = 107 GFLOP -> 0.108 ms; bytes 310 MB (forward) + q, k, v, dO in
   (310 MB) + dq, dk, dv out (232 MB) + lse = 857 MB -> 0.256 ms. Memory-bound: floor 0.256 ms, which
-  the one-pass backward (Nk in one tile) approaches; the two-pass backward used by default at N = 197
-  (D = 64) also reads o and reads q, k, v, dO twice: ~1.24 GB -> 0.37 ms.
+  the one-pass backward (Nk in one tile, the default up to 256 keys at D = 64) approaches; the two-pass
+  backward (longer sequences) also reads o and reads q, k, v, dO twice: ~1.24 GB -> 0.37 ms.
 - eager writes and re-reads S and P (B H N^2 bf16 = 238 MB each): ~1.3 GB forward, > 0.4 ms.
 Expected: forward ~0.12-0.15 ms (60-75 % of the memory floor, on par with the best SDPA backend);
-forward+backward ~0.45-0.5 ms (two-pass backward); the packed path wins end to end at N = 197 because it skips the permute
+forward+backward ~0.35-0.45 ms (one-pass backward: one program per (batch, head) with 8 warps, 1 per SM
+at ~115-130 KB of shared memory; occupancy, not bytes, may bound it: the two-pass row measures the
+alternative); the packed path wins end to end at N = 197 because it skips the permute
 copies that timm pays around SDPA (q, k, v out of the (B, N, 3, H, D) projection and the output back).
 The ``pct_roofline`` column is floor / measured for each row's shape.
 
@@ -83,17 +85,17 @@ def _sdpa(backend) -> Callable:
     return run
 
 
-def _one_pass(fn: Callable, D: int) -> Callable:
-    """``fn`` with fastvit's one-pass backward forced (``FUSED_BWD_MAX_TILE = 256 * D``)."""
+def _two_pass(fn: Callable) -> Callable:
+    """``fn`` with fastvit's two-pass backward forced (``FUSED_BWD_MAX_KEYS = 0``)."""
     from fastvit.kernels import attention as kern
 
     def run(*args):
-        before = kern.FUSED_BWD_MAX_TILE
-        kern.FUSED_BWD_MAX_TILE = 256 * D
+        before = kern.FUSED_BWD_MAX_KEYS
+        kern.FUSED_BWD_MAX_KEYS = 0
         try:
             return fn(*args)
         finally:
-            kern.FUSED_BWD_MAX_TILE = before
+            kern.FUSED_BWD_MAX_KEYS = before
 
     return run
 
@@ -121,7 +123,7 @@ def _core_case(name: str, B: int, H: int, N: int, D: int, backward: bool) -> Cas
     for b in fused_backends("attention"):
         variants[f"fastvit[{b}]"] = variant(fused, backends={FAMILY: b})
     if backward and N <= 256 and "triton" in fused_backends("attention"):
-        variants["fastvit[triton] one-pass bwd"] = variant(lambda: _one_pass(fused(), D), backends={FAMILY: "triton"})
+        variants["fastvit[triton] two-pass bwd"] = variant(lambda: _two_pass(fused()), backends={FAMILY: "triton"})
     variants.update({
         "sdpa flash": variant(lambda: _sdpa(SDPBackend.FLASH_ATTENTION), baseline=True),
         "sdpa cudnn": variant(lambda: _sdpa(SDPBackend.CUDNN_ATTENTION), baseline=True),

@@ -20,7 +20,7 @@ and batch on axes 1 and 2; batch/head offsets in int64):
 - Backward, recomputing P blockwise, fp32 accumulation, no atomics at all (deterministic whatever
   ``torch.are_deterministic_algorithms_enabled()`` says):
   * one pass when all keys fit one (next_pow2(Nk), BLOCK_D) tile of <= ``FUSED_BWD_MAX_TILE``
-    elements: ``_attn_bwd_dkdv`` with FUSED=True, grid (1, H, B). The program owns every key, so per
+    elements (ViT's N = 197 at D = 64): ``_attn_bwd_dkdv`` with FUSED=True, grid (1, H, B). The program owns every key, so per
     query block it has whole rows: P is normalised exactly as softmax does, delta = rowsum(P * dP),
     and dQ = dS K is written directly. lse is not read.
   * two passes otherwise: ``_attn_bwd_dq`` (grid over query blocks: delta = rowsum(dO * O) inline,
@@ -53,10 +53,16 @@ from fastvit.kernels._common import autotune_configs, input_precision, interpret
 
 LOG2E = 1.4426950408889634
 
-# The backward runs as one kernel (dQ written by the program that owns all keys) when all keys fit one
-# (next_pow2(Nk), BLOCK_D) tile of at most FUSED_BWD_MAX_TILE elements (its K, V and fp32 dK, dV stay in
-# registers): Nk <= 128 at D = 64, <= 64 at D = 128; beyond, a dQ pass and a dK/dV pass. To be tuned on GPU.
-FUSED_BWD_MAX_TILE = 128 * 64
+# The backward runs as one kernel (dQ written by the program that owns all keys: 5 matmul-equivalents, as
+# FlashAttention-2, instead of the two passes' 7) when all keys fit one (next_pow2(Nk), BLOCK_D) tile of at
+# most FUSED_BWD_MAX_TILE elements, at most FUSED_BWD_MAX_KEYS keys (its K, V and fp32 dK, dV stay in
+# registers): 16-bit inputs Nk <= 256 at D = 64 (ViT's 197) and <= 128 at D = 80-128; fp32 (FMA dots)
+# half that. The sm_90 compile report (tests/sm90.py) shows 8 warps with 16- or 32-row query blocks
+# without spills there (4 warps, or 512 keys at D = 32, spill).
+FUSED_BWD_MAX_TILE = 256 * 64
+FUSED_BWD_MAX_TILE_FP32 = 128 * 64
+FUSED_BWD_MAX_KEYS = 256
+_WIDE_FUSED = 128 * 64  # a fused tile above this takes the 8-warp configs only
 # Under the interpreter: the largest tile edge (cost is per program and K-step, not per element).
 INTERPRETER_MAX_TILE = 256
 # Test / benchmark override of the launch configuration, e.g.
@@ -305,15 +311,19 @@ def _attn_bwd_dkdv(
 
 # ------------------------------------------------------------------------------ launch configs
 
-_tuned: dict[tuple[str, bool], triton.runtime.Autotuner] = {}
+_tuned: dict[tuple[str, bool, bool], triton.runtime.Autotuner] = {}
 
 
-def _configs(kind: str, fp32: bool = False) -> list[triton.Config]:
+def _configs(kind: str, fp32: bool = False, wide: bool = False) -> list[triton.Config]:
     """Autotuning candidates. fp32 inputs (exact "ieee" dots run on FMA units, not tensor cores, and
-    compile slowly at large tiles) get a few small tiles only."""
+    compile slowly at large tiles) get a few small tiles only; a wide fused backward tile (more than
+    128 x 64 keys x head dim) the 8-warp configs that do not spill."""
     C = triton.Config
     if kind == "dkdv_fused":  # BLOCK_N is fixed by the launcher (>= Nk)
-        table = [(16, 4, 2)] if fp32 else [(16, 4, 2), (16, 8, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2), (32, 4, 3)]
+        if wide:
+            table = [(16, 8, 2), (32, 8, 2)]
+        else:
+            table = [(16, 4, 2)] if fp32 else [(16, 4, 2), (16, 8, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2), (32, 4, 3)]
         return [C({"BLOCK_M": m}, num_warps=w, num_stages=s) for m, w, s in table]
     if fp32:
         table = [(32, 32, 4, 2), (16, 32, 4, 2)]
@@ -336,15 +346,17 @@ def _tile(n: int) -> int:
     return max(16, min(INTERPRETER_MAX_TILE, triton.next_power_of_2(n)))
 
 
-def _fused_bwd(Nk: int, D: int) -> bool:
+def _fused_bwd(Nk: int, D: int, dtype: torch.dtype = torch.bfloat16) -> bool:
     if TILES is not None and "FUSED_BWD" in TILES:
         return bool(TILES["FUSED_BWD"])
     if interpreting():
         return triton.next_power_of_2(Nk) <= INTERPRETER_MAX_TILE
-    return triton.next_power_of_2(Nk) * triton.next_power_of_2(D) <= FUSED_BWD_MAX_TILE
+    most = FUSED_BWD_MAX_TILE_FP32 if dtype == torch.float32 else FUSED_BWD_MAX_TILE
+    keys = max(16, triton.next_power_of_2(Nk))
+    return keys <= FUSED_BWD_MAX_KEYS and keys * max(16, triton.next_power_of_2(D)) <= most
 
 
-def _launch(kind: str, Nq: int, Nk: int, dtype: torch.dtype):
+def _launch(kind: str, Nq: int, Nk: int, dtype: torch.dtype, D: int = 64):
     """(kernel, meta-parameters) for one launch: ``TILES`` if set, else one large tile under the
     interpreter, else the autotuned kernel (keyed on Nq, Nk, D). The fused backward's BLOCK_N is
     always next_pow2(Nk): its program owns every key."""
@@ -353,7 +365,8 @@ def _launch(kind: str, Nq: int, Nk: int, dtype: torch.dtype):
         meta = {"BLOCK_M": _tile(Nq), "BLOCK_N": _tile(Nk)} if interpreting() else {"BLOCK_M": 64, "BLOCK_N": 64}
         meta.update({k: TILES[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages") if k in (TILES or {})})
         return _KERNELS[kind], {**meta, **fixed}
-    tuned_key = (kind, dtype == torch.float32)
+    wide = kind == "dkdv_fused" and fixed["BLOCK_N"] * max(16, triton.next_power_of_2(D)) > _WIDE_FUSED
+    tuned_key = (kind, dtype == torch.float32, wide)
     if tuned_key not in _tuned:  # built lazily: the interpreter has no driver to autotune with
         kernel = _KERNELS[kind]  # keyed on the lengths, the head dim and every flag (mask kind, ...) of the kernel
         flags = [p.name for p in kernel.params if p.is_constexpr and not p.name.startswith("BLOCK_")]
@@ -399,7 +412,7 @@ def _backward(do, q, k, v, o, o_strides, lse, mask, scale, grads):
     packed = dk is None
     mptr, ms, mask_flags = _mask_args(mask, B, H, Nq, Nk, q)
     common = dict(**mask_flags, INPUT_PRECISION=input_precision(q.dtype), BLOCK_D=triton.next_power_of_2(D))
-    fused = _fused_bwd(Nk, D)
+    fused = _fused_bwd(Nk, D, q.dtype)
     delta = None  # the fused kernel computes delta inline
     if not fused:
         delta = new_output((B, H, Nq), dtype=torch.float32, device=q.device)
@@ -410,7 +423,7 @@ def _backward(do, q, k, v, o, o_strides, lse, mask, scale, grads):
             *q.stride(), *k.stride(), *v.stride(), *o_strides, *do.stride(), *dq_strides, *ms,
             H, Nq, Nk, D, scale * LOG2E, scale, **common, **meta,
         )
-    kernel, meta = _launch("dkdv_fused" if fused else "dkdv", Nq, Nk, q.dtype)
+    kernel, meta = _launch("dkdv_fused" if fused else "dkdv", Nq, Nk, q.dtype, D)
     grid = lambda META: (triton.cdiv(Nk, META["BLOCK_N"]), H, B)  # noqa: E731
     wrap_triton(kernel)[grid](
         q, k, v, do, lse, delta, dq, dk, dv, mptr,

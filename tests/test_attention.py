@@ -626,3 +626,18 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     one-pass and two-pass backward, masks; head dims 32-128 at N = 50, 197, 577 and 3136; bf16 / fp16 /
     fp32 with and without TF32) compiled for sm_90 through Triton's whole pipeline, without a GPU."""
     sm90.check(SM90_DRIVER)
+
+
+def test_one_pass_backward_covers_vit_sequences(monkeypatch):
+    """On a GPU the backward takes one pass (5 matmul-equivalents, dQ written by the program that owns all
+    keys) up to 256 keys at head dim <= 64 and 128 keys at 80-128, in 16-bit dtypes; the wide tiles
+    autotune over the 8-warp configs only (the 4-warp ones spill at sm_90)."""
+    from fastvit.kernels import attention as kern
+
+    monkeypatch.setattr(kern, "interpreting", lambda: False)
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert kern._fused_bwd(197, 64, bf16) and kern._fused_bwd(256, 32, bf16) and kern._fused_bwd(100, 128, bf16)
+    assert kern._fused_bwd(50, 64, fp32) and not kern._fused_bwd(197, 64, fp32)
+    assert not kern._fused_bwd(197, 80, bf16) and not kern._fused_bwd(300, 32, bf16) and not kern._fused_bwd(577, 64, bf16)
+    wide = kern._configs("dkdv_fused", False, wide=True)
+    assert wide and all(c.num_warps == 8 and c.kwargs["BLOCK_M"] <= 32 for c in wide)
