@@ -477,12 +477,13 @@ def _unfold_gather(x_ptr, rm, m_mask, rf, f_mask, L, OW, H, W, KH, KW, SH, SW, P
 @triton.jit
 def _soft_split_fwd(
     x_ptr, out_ptr, lnw_ptr, lnb_ptr, mean_ptr, rstd_ptr,
-    M, L, OW, H, W, F, sxb, sxc, sxh, sxw, eps,
+    M, L, OW, H, W, F, sxb, sxc, sxh, sxw, eps, so,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PADH: tl.constexpr, PADW: tl.constexpr,
     NORM: tl.constexpr, LN_W: tl.constexpr, LN_B: tl.constexpr, SAVE: tl.constexpr,
     BT: tl.constexpr, BF: tl.constexpr,
 ):
-    """out (B*L, F) = the unfolded windows; with NORM, LayerNorm over each whole row (BF >= F)."""
+    """out (B*L, F) = the unfolded windows, rows ``so`` elements apart; with NORM, LayerNorm over each
+    whole row (BF >= F)."""
     pid = tl.program_id(0)
     num_f = tl.cdiv(F, BF)
     pid_t = pid // num_f
@@ -493,7 +494,7 @@ def _soft_split_fwd(
     f_mask = rf < F
     mask = m_mask[:, None] & f_mask[None, :]
     v = _unfold_gather(x_ptr, rm, m_mask, rf, f_mask, L, OW, H, W, KH, KW, SH, SW, PADH, PADW, sxb, sxc, sxh, sxw)
-    optrs = out_ptr + rm.to(tl.int64)[:, None] * F + rf[None, :]
+    optrs = out_ptr + rm.to(tl.int64)[:, None] * so + rf[None, :]
     if NORM:
         vf = v.to(tl.float32)
         mean = tl.sum(vf, axis=1) / F
@@ -934,12 +935,21 @@ def _split_geometry(x, kh, kw, sh, sw, ph, pw):
     return B, C, H, W, OH, OW, OH * OW, C * kh * kw
 
 
+# soft_split_layer_norm writes each token's row ROW_ALIGN elements apart and returns a (B, L, F) view:
+# T2T-ViT's F = 147 (3 x 7 x 7) makes 294-byte rows, which the next Performer kernels could not load with
+# 16-byte vectors or cp.async; 160-element rows are 16-byte aligned, and Triton sees the row stride
+# divisible by 16. The public soft_split stays contiguous (its result is the unfold's, exactly).
+ROW_ALIGN = 16
+
+
 def soft_split_forward(x, weight, bias, kh, kw, sh, sw, ph, pw, eps, out_dtype, norm, save):
-    """The soft split (B, L, F), LayerNormed over F when ``norm``; (out, mean, rstd) when ``save``."""
+    """The soft split (B, L, F), LayerNormed over F when ``norm``; (out, mean, rstd) when ``save``. With
+    ``norm`` the result is a view of rows padded to a multiple of ROW_ALIGN elements."""
     B, C, H, W, OH, OW, L, F = _split_geometry(x, kh, kw, sh, sw, ph, pw)
     M = B * L
     dev = x.device
-    out = new_output((B, L, F), dtype=out_dtype, device=dev)
+    so = -(-F // ROW_ALIGN) * ROW_ALIGN if norm else F
+    out = new_output((B, L, so), dtype=out_dtype, device=dev)[..., :F]
     mean = new_output((M,), dtype=torch.float32, device=dev) if save else None
     rstd = new_output((M,), dtype=torch.float32, device=dev) if save else None
     if norm:
@@ -954,7 +964,7 @@ def soft_split_forward(x, weight, bias, kh, kw, sh, sw, ph, pw, eps, out_dtype, 
     grid = (triton.cdiv(M, bt) * triton.cdiv(F, bf),)
     wrap_triton(_soft_split_fwd)[grid](
         x, out, None if weight is None else weight.contiguous(), None if bias is None else bias.contiguous(),
-        mean, rstd, M, L, OW, H, W, F, *x.stride(), eps,
+        mean, rstd, M, L, OW, H, W, F, *x.stride(), eps, so,
         KH=kh, KW=kw, SH=sh, SW=sw, PADH=ph, PADW=pw, NORM=norm, LN_W=weight is not None, LN_B=bias is not None,
         SAVE=save, BT=bt, BF=bf, num_warps=8 if bt * bf >= 8192 else 4,
     )

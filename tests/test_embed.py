@@ -670,3 +670,41 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     soft_split and soft_split_layer_norm at T2T-ViT-14's three splits; forward, inference, backward; bf16 / fp16 /
     fp32 and autocast) compiled for sm_90 through Triton's whole pipeline, without a GPU."""
     sm90.check(SM90_DRIVER)
+
+
+def test_soft_split_layer_norm_rows_are_16_aligned_views_and_the_performer_reads_them():
+    """T2T-ViT's first split (3 x 7 x 7 = 147 features): the fused soft_split_layer_norm writes rows 160
+    elements apart and returns the (B, L, 147) view, so the Performer's kernels read 16-byte aligned rows;
+    values and gradients are the reference's. The public soft_split stays contiguous, and a width that
+    is already a multiple of 16 (64 x 3 x 3 = 576) is not padded."""
+    from fastvit import nn as fnn
+
+    x = randn(2, 3, 16, 16, dtype=torch.float32).requires_grad_()
+    w, b = randn(147, dtype=torch.float32).requires_grad_(), randn(147, dtype=torch.float32).requires_grad_()
+    with fastvit.use_backend(TRITON):
+        y = ops.soft_split_layer_norm(x, 7, 4, 2, w, b)
+        assert y.shape == (2, 16, 147) and y.stride() == (16 * 160, 160, 1)
+        assert ops.soft_split(x, 7, 4, 2).is_contiguous()
+        wide = ops.soft_split_layer_norm(randn(1, 64, 8, 8, dtype=torch.float32), 3, 2, 1)
+        assert wide.shape == (1, 16, 576) and wide.is_contiguous()
+    check_against_reference(
+        lambda **kw: _with(TRITON, ops.soft_split_layer_norm, **kw), reference.soft_split_layer_norm,
+        {"x": x, "kernel_size": (7, 7), "stride": (4, 4), "padding": (2, 2), "weight": w, "bias": b, "eps": 1e-5},
+        torch.float32,
+    )
+    layer = fnn.TokenPerformer(dim=147, in_dim=64, kernel_ratio=0.5).eval()
+    split = fnn.SoftSplit(7, 4, 2)
+    img = randn(2, 3, 16, 16, dtype=torch.float32).requires_grad_()
+    with fastvit.use_backend({"embed": "triton", "performer": "triton", "mlp": "triton"}):
+        out = layer(img, split=split)
+        (g_fused,) = torch.autograd.grad(out.sum(), img)
+    with fastvit.use_backend("eager"):
+        ref = layer(img, split=split)
+        (g_ref,) = torch.autograd.grad(ref.sum(), img)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(g_fused, g_ref, atol=1e-4, rtol=1e-4)
+
+
+def _with(spec, fn, **kwargs):
+    with fastvit.use_backend(spec):
+        return fn(**kwargs)

@@ -310,3 +310,36 @@ def test_prebuilt_bundle_is_what_the_gpu_machine_loads(tmp_path):
                               "TORCH_EXTENSIONS_DIR": str(env_dir), "TMPDIR": str(tmp_path)})
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.strip().splitlines()[-1] == str(bundle.resolve() / manifest["library"])
+
+
+def test_autotune_keys_bucket_the_batch_and_hold_every_flag():
+    """A new batch size (the last partial batch, evaluation) reuses its power-of-two bucket's tuning, and
+    launches that compile to different kernels (a mask, a stored pre-activation) never share one; the
+    configs that spilled at sm_90 are gone (dGELU GEMM, timm-form patch embedding)."""
+    from fastvit.kernels._common import bucket
+
+    assert bucket(256 * 197) == bucket(255 * 197) == 65536 and bucket(1) == 16 and bucket(16) == 16 and bucket(17) == 32
+    out = run_without_interpreter("""
+        import json
+        import torch
+        from fastvit.kernels import attention, embed, mlp, performer
+        print(json.dumps({
+            "mm": mlp._mm_autotuned(None, False).keys,
+            "mm_psum": [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) for c in mlp._mm_autotuned(mlp._PSUM_BLOCK_M, False).configs],
+            "embed_fwd": embed._tuned("fwd").keys,
+            "embed_fwd_tiles": [(c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"]) for c in embed._tuned("fwd").configs],
+            "embed_dx": embed._tuned("dx").keys,
+            "attention": attention._launch("dq", 197, 197, torch.bfloat16)[0].keys,
+            "wgrad": performer._tuned("wgrad").keys,
+            "qside_bwd": performer._tuned("qside_bwd").keys,
+        }))
+    """)
+    got = json.loads(out.strip().splitlines()[-1])
+    for name, rows in (("mm", {"M", "K"}), ("embed_fwd", {"M"}), ("embed_dx", {"M"}), ("wgrad", {"N"})):
+        assert not rows & set(got[name]), (name, got[name])  # the sizes that follow the batch are bucketed
+    assert {"M_BUCKET", "K_BUCKET", "STORE_AUX", "HAS_BIAS", "EPILOGUE"} <= set(got["mm"]) and "M" not in got["mm"]
+    assert {"M_BUCKET", "HWC", "SAVE", "POST_NORM"} <= set(got["embed_fwd"]) and "M_BUCKET" in got["embed_dx"]
+    assert {"HAS_MASK", "MASK_BOOL", "MASK_KEYS_ONLY"} <= set(got["attention"]) and "N_BUCKET" in got["wgrad"]
+    assert {"NEED_DQ", "DROPOUT", "FROM_KQV"} <= set(got["qside_bwd"])
+    assert got["mm_psum"] == [[128, 64, 8], [64, 64, 4]]
+    assert [128, 256, 64] not in got["embed_fwd_tiles"] and [128, 128, 32] not in got["embed_fwd_tiles"]

@@ -151,7 +151,8 @@ def soft_split_layer_norm(
 
     Means ``layer_norm(soft_split(x, kernel_size, stride, padding), weight, bias, eps)`` (the next
     Token_performer's ``norm1``) with fp32 statistics; the output is in x's dtype, or the autocast
-    dtype under autocast. The fused kernel never writes the un-normalised tokens.
+    dtype under autocast. The fused kernel never writes the un-normalised tokens, and writes each
+    token's row 16-element aligned: its result is a view (``.contiguous()`` for a dense copy).
     """
     k, s, p = _split_args(x, kernel_size, stride, padding)
     F = x.shape[1] * k[0] * k[1]
