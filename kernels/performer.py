@@ -501,15 +501,15 @@ _TILE_KERNELS = {
 _TUNED: dict = {}
 
 
-def _tile_configs():
+def _tile_configs(fp32: bool = False):
     # (BLOCK_T, BLOCK_K, warps, stages). BLOCK_T <= 128 = the chunk alignment of _split. The backward
-    # kernels hold ~10 (BLOCK_T, emb) fp32 tiles: at sm_90 (tests/sm90.py's report, bf16, T2T-ViT-14's
-    # dims 147 and 576) every config with 64- or 128-token tiles, or 4 warps at BLOCK_K 64, spilled in
-    # _qside_bwd / _kside_bwd / _kside_fwd (24-736 stack bytes); these four spill in none of the four.
-    return [
-        triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=nw, num_stages=ns)
-        for bt, bk, nw, ns in [(32, 64, 8, 2), (32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 4, 2)]
-    ]
+    # kernels hold ~10 (BLOCK_T, emb) fp32 tiles: at sm_90 (tests/sm90.py's report, T2T-ViT-14's dims 147
+    # and 576) every 16-bit config with 64- or 128-token tiles, or 4 warps at BLOCK_K 64, spilled in
+    # _qside_bwd / _kside_bwd / _kside_fwd (24-736 stack bytes); these four spill in none of them. fp32
+    # operands (FMA dots) spill more: 16-token tiles on 8 warps keep it to one kernel (_qside_bwd, 440 B),
+    # where 4 warps or 32-token tiles left it with 32 registers and 5.4-5.7 KB of stack.
+    table = [(16, 64, 8, 2), (16, 32, 8, 2)] if fp32 else [(32, 64, 8, 2), (32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 4, 2)]
+    return [triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=nw, num_stages=ns) for bt, bk, nw, ns in table]
 
 
 def _wgrad_configs():
@@ -520,18 +520,18 @@ def _wgrad_configs():
     ]
 
 
-def _tuned(name: str):
+def _tuned(name: str, fp32: bool = False):
     """The GPU entry point: the kernel autotuned over a few configurations (created lazily)."""
-    if name not in _TUNED:
+    if (name, fp32) not in _TUNED:
         if name == "wgrad":
             key = ["N_BUCKET", "DIM", "E3", "HAS_BIAS", "IP"]  # N = batch x tokens, bucketed: a new batch does not re-tune
-            _TUNED[name] = triton.autotune(autotune_configs(_wgrad_configs()), key=key)(_wgrad_kernel)
+            _TUNED[(name, fp32)] = triton.autotune(autotune_configs(_wgrad_configs()), key=key)(_wgrad_kernel)
         else:  # T (tokens per image), the widths, and every flag that changes the compiled kernel
             kernel = _TILE_KERNELS[name]
             flags = [p.name for p in kernel.params if p.is_constexpr and not p.name.startswith("BLOCK_")]
             key = ["T", "DIM", "E", "M", *flags]
-            _TUNED[name] = triton.autotune(autotune_configs(_tile_configs()), key=key)(kernel)
-    return _TUNED[name]
+            _TUNED[(name, fp32)] = triton.autotune(autotune_configs(_tile_configs(fp32)), key=key)(kernel)
+    return _TUNED[(name, fp32)]
 
 
 def _fixed(device: torch.device) -> bool:
@@ -554,7 +554,7 @@ def _launch(name: str, device, grid, args, consts, fixed_meta):
         kernel = _wgrad_kernel if name == "wgrad" else _TILE_KERNELS[name]
         wrap_triton(kernel)[grid(fixed_meta)](*args, **consts, **fixed_meta)
     else:
-        wrap_triton(_tuned(name))[grid](*args, **consts)
+        wrap_triton(_tuned(name, args[0].dtype == torch.float32))[grid](*args, **consts)
 
 
 def _split(B: int, T: int, device: torch.device) -> tuple[int, int]:
