@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 import pathlib
 import re
 import subprocess
@@ -281,7 +282,8 @@ def environment() -> dict[str, Any]:
         "triton": None,
         "timm": None,
         "python": platform.python_version(),
-        "commit": _git("rev-parse", "--short", "HEAD"),
+        # FASTVIT_COMMIT (fastvit-gpu-check --commit) names it where the tree is a copy without git history
+        "commit": os.environ.get("FASTVIT_COMMIT") or _git("rev-parse", "--short", "HEAD"),
         "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "date": datetime.date.today().isoformat(),
         "time": datetime.datetime.now().isoformat(timespec="seconds"),

@@ -330,6 +330,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default: tier 1 230, tier 2 420)")
     p.add_argument("--autotune", choices=("quick", "full"), default=None,
                    help="FASTVIT_AUTOTUNE for this run (default quick: at most two configs per kernel)")
+    p.add_argument("--commit", default=None,
+                   help="the commit the tree is at, where it is a copy without git history (the device machine's)")
     p.add_argument("--prebuilt", type=pathlib.Path, default=PREBUILT,
                    help=f"the CUDA extension bundle made by --prepare (default {PREBUILT.name}/ in the checkout)")
     p.add_argument("--no-ext-build", action="store_true", help="do not build the CUDA extension when the prebuilt one does not load")
@@ -368,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         sanitizer_workload(tuple(args.sanitizer_workload.split(",")))
         return 0
     os.environ["FASTVIT_AUTOTUNE"] = args.autotune or os.environ.get("FASTVIT_AUTOTUNE") or "quick"
+    if args.commit:
+        os.environ["FASTVIT_COMMIT"] = args.commit
     if not benchmarks.HAS_GPU and not args.plan:
         print("fastvit-gpu-check: no CUDA GPU here; --plan checks the steps' plumbing on a CPU", file=sys.stderr)
         return 2

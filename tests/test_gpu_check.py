@@ -153,6 +153,15 @@ def test_summary_marks_targets_and_tables_from_gpu_records():
     assert "jit_compiles 0" in md
 
 
+def test_commit_can_be_named_where_the_tree_has_no_git_history(monkeypatch):
+    from benchmarks.common import environment
+
+    monkeypatch.setenv("FASTVIT_COMMIT", "abc1234")
+    assert environment()["commit"] == "abc1234"
+    monkeypatch.delenv("FASTVIT_COMMIT")
+    assert gpu_check.parse_args(["--tier", "2", "--commit", "def5678"]).commit == "def5678"
+
+
 def test_results_folder_names_the_gpu_briefly():
     assert gpu_check.gpu_folder({"gpu": "NVIDIA H200"}) == "h200"
     assert gpu_check.gpu_folder({"gpu": "NVIDIA H100 80GB HBM3"}) == "h100"
