@@ -76,7 +76,10 @@ class RecordInsteadOfLaunch:
 
         def launch(*args, **kwargs):
             if isinstance(self.kernel, Autotuner):
-                for cfg in self.kernel.configs if EVERY_CONFIG else self.kernel.configs[:1]:
+                configs = self.kernel.configs
+                if self.kernel.early_config_prune:  # what the autotuner will try for these arguments
+                    configs = self.kernel.early_config_prune(configs, dict(zip(self.kernel.fn.arg_names, args)), **kwargs)
+                for cfg in configs if EVERY_CONFIG else configs[:1]:
                     record(self.kernel.fn, args, {**kwargs, **cfg.all_kwargs()})
             else:
                 record(self.kernel, args, kwargs)

@@ -339,6 +339,25 @@ def _configs(kind: str, fp32: bool = False, wide: bool = False) -> list[triton.C
     return [C({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in table]
 
 
+# (BLOCK_M, BLOCK_N, warps) that spilled at head dim 128 (BLOCK_D = 128) in 16-bit at sm_90 (tests/sm90.py):
+# the forward's 128x64 on 4 warps (24-96 stack bytes) and 128x128 with a mask (8), dK/dV's 64x64 on 4 warps
+# (24-32). At D <= 64 none of them spills, so they stay in the lists and are dropped per launch.
+_SPILL_AT_D128 = {"fwd": {(128, 64, 4), (128, 128, 8)}, "dkdv": {(64, 64, 4)}}
+
+
+def _pruner(kind: str):
+    """early_config_prune for ``kind``: without the configs that spill at BLOCK_D = 128 (never all)."""
+    bad = _SPILL_AT_D128.get(kind, set())
+
+    def prune(configs, named_args, **kwargs):
+        if kwargs.get("BLOCK_D", 0) < 128 or named_args.get("Q") is not None and named_args["Q"].dtype == torch.float32:
+            return configs
+        keep = [c for c in configs if (c.kwargs.get("BLOCK_M"), c.kwargs.get("BLOCK_N"), c.num_warps) not in bad]
+        return keep or configs
+
+    return prune
+
+
 _KERNELS = {"fwd": _attn_fwd, "dq": _attn_bwd_dq, "dkdv": _attn_bwd_dkdv, "dkdv_fused": _attn_bwd_dkdv}
 
 
@@ -371,7 +390,8 @@ def _launch(kind: str, Nq: int, Nk: int, dtype: torch.dtype, D: int = 64):
         kernel = _KERNELS[kind]  # keyed on the lengths, the head dim and every flag (mask kind, ...) of the kernel
         flags = [p.name for p in kernel.params if p.is_constexpr and not p.name.startswith("BLOCK_")]
         configs = autotune_configs(_configs(*tuned_key))
-        _tuned[tuned_key] = triton.autotune(configs=configs, key=["Nq", "Nk", "D", *flags])(kernel)
+        _tuned[tuned_key] = triton.autotune(configs=configs, key=["Nq", "Nk", "D", *flags],
+                                            prune_configs_by={"early_config_prune": _pruner(kind)})(kernel)
     return _tuned[tuned_key], fixed
 
 

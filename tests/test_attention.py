@@ -641,3 +641,22 @@ def test_one_pass_backward_covers_vit_sequences(monkeypatch):
     assert not kern._fused_bwd(197, 80, bf16) and not kern._fused_bwd(300, 32, bf16) and not kern._fused_bwd(577, 64, bf16)
     wide = kern._configs("dkdv_fused", False, wide=True)
     assert wide and all(c.num_warps == 8 and c.kwargs["BLOCK_M"] <= 32 for c in wide)
+
+
+def test_configs_that_spill_at_head_dim_128_are_pruned_for_it_only():
+    """At BLOCK_D = 128 (head dims 80-128, 16-bit) the forward's 128x64 / 4-warp and 128x128 / 8-warp
+    tiles and dK/dV's 64x64 / 4-warp tile spilled at sm_90: the autotuner does not try them there; at
+    head dim 64 it does, and fp32 keeps its own list."""
+    from fastvit.kernels import attention as kern
+
+    q16, q32 = torch.empty(1, 1, 1, 1, dtype=torch.bfloat16), torch.empty(1, 1, 1, 1)
+    for kind in ("fwd", "dkdv"):
+        configs = kern._configs(kind)
+        prune = kern._pruner(kind)
+        tiles = lambda cs: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in cs}  # noqa: E731
+        kept = tiles(prune(configs, {"Q": q16}, BLOCK_D=128))
+        assert kept and not kept & kern._SPILL_AT_D128[kind] and kept < tiles(configs)
+        assert prune(configs, {"Q": q16}, BLOCK_D=64) == configs
+        assert prune(configs, {"Q": q32}, BLOCK_D=128) == configs
+    one = [c for c in kern._configs("fwd") if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) == (128, 64, 4)]
+    assert kern._pruner("fwd")(one, {"Q": q16}, BLOCK_D=128) == one  # never prunes everything
