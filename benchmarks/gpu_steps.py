@@ -327,31 +327,43 @@ def _only(case, keep: Callable[[str], bool]):
 
 
 def time_cases(ctx: Run, cases: list, kind: str) -> dict:
-    """Time each case's variants (CUDA events), emitting every record with its ratios; cases that would
-    not fit in the step's time are recorded as skipped."""
+    """Time each case's variants (CUDA events) and emit its records, with their ratios to the baselines,
+    once the case is done. When the step's time box cuts a case, what it measured is emitted and the
+    cases after it are recorded as not run."""
     import torch
 
     from benchmarks.common import add_ratios, case_fields, run_variant
 
-    done = errors = 0
-    for i, case in enumerate(cases):
-        try:
-            inputs = case.inputs()
-        except Exception as e:  # noqa: BLE001
-            torch.cuda.empty_cache()
-            ctx.emit({"kind": kind, **case_fields(case), "variant": "-", "baseline": False,
-                      "error": f"inputs: {type(e).__name__}: {str(e).strip()[:160]}"})
-            errors += 1
-            continue
-        recs = []
-        for name in case.variants:
-            recs.append(run_variant(case, name, inputs, ctx.peaks, rep_ms=BENCH_REP_MS))
-            errors += "error" in recs[-1]
-        del inputs
-        torch.cuda.empty_cache()
+    def emit(recs):
         add_ratios(recs)
         for r in recs:
             ctx.emit({"kind": kind, **r})
+
+    done = errors = 0
+    for i, case in enumerate(cases):
+        recs: list[dict] = []
+        inputs = None
+        try:
+            try:
+                inputs = case.inputs()
+            except Exception as e:  # noqa: BLE001 -- e.g. out of memory: recorded, the run goes on
+                ctx.emit({"kind": kind, **case_fields(case), "variant": "-", "baseline": False,
+                          "error": f"inputs: {type(e).__name__}: {str(e).strip()[:160]}"})
+                errors += 1
+                continue
+            for name in case.variants:
+                recs.append(run_variant(case, name, inputs, ctx.peaks, rep_ms=BENCH_REP_MS))
+                errors += "error" in recs[-1]
+        except BaseException:  # the step's time box (StepTimeout) or an interrupt: keep what was measured
+            emit(recs)
+            for rest in cases[i + 1:]:
+                ctx.emit({"kind": kind, **case_fields(rest), "variant": "-", "baseline": False,
+                          "error": "not run: the step's time box ran out"})
+            raise
+        finally:
+            del inputs
+            torch.cuda.empty_cache()
+        emit(recs)
         done += 1
         fastest = min((r for r in recs if "median_ms" in r), key=lambda r: r["median_ms"], default=None)
         ctx.say(f"  {case.id}: " + ", ".join(f"{r['variant']} {r['median_ms']:.3g} ms" if "median_ms" in r

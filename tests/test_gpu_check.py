@@ -352,3 +352,28 @@ def test_autotune_keys_bucket_the_batch_and_hold_every_flag():
     assert {"NEED_DQ", "DROPOUT", "FROM_KQV"} <= set(got["qside_bwd"])
     assert got["mm_psum"] == [[128, 64, 8], [64, 64, 4]]
     assert [128, 256, 64] not in got["embed_fwd_tiles"] and [128, 128, 32] not in got["embed_fwd_tiles"]
+
+
+def test_a_timed_step_cut_by_its_box_keeps_what_it_measured(tmp_path):
+    """The second case's first variant runs past the box: the first case's records (here errors: no CUDA
+    events on a CPU) and the cut case's finished variants are in results.jsonl, the third case is marked
+    not run, and the step is a timeout."""
+    from benchmarks import gpu_steps
+    from benchmarks.common import Case, Variant
+
+    def slow(_):
+        time.sleep(30)
+
+    def case(name, variants):
+        return Case("mlp", name, {"rows": 1}, "bf16", "fwd", lambda: None, variants)
+
+    quick = Variant(lambda _: (lambda: None), baseline=True)
+    cases = [case("one", {"eager": quick}), case("two", {"eager": quick, "slow": Variant(slow)}),
+             case("three", {"eager": quick})]
+    ctx = gpu_check.Run(tmp_path, budget_s=60, tier=1, plan=False)
+    ctx.peaks = {"matmul_tflops": 1.0, "copy_gbps": 1.0, "nominal_h100_sxm_bf16_tflops": 989.0}
+    step = gpu_check.Step("ops", (1,), 1.0, lambda c: gpu_steps.time_cases(c, cases, "bench"), None, "times")
+    assert gpu_check.run_step(ctx, step)["status"] == "timeout"
+    bench = [r for r in gpu_check.load_records(ctx.results) if r["kind"] == "bench"]
+    assert [(r["case"], r["variant"]) for r in bench] == [("one", "eager"), ("two", "eager"), ("three", "-")]
+    assert "time box" in bench[-1]["error"]
