@@ -104,10 +104,12 @@ def attention(q, k, v, mask=None, scale=None, dropout_p=0.0):
     with autocast_off(q):
         acc = _acc(q.dtype)
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        s = torch.matmul(q, k.transpose(-2, -1)).to(acc) * scale
+        s = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * scale  # scores in fp32: no fp16 overflow
         if mask is not None:
             s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(acc)
-        attended = (s > float("-inf")).any(dim=-1, keepdim=True)
+        # A row is fully masked when every score is -inf; a NaN score is not masked and must reach the
+        # output (as in SDPA and the fused kernels), so test for -inf, not for "> -inf".
+        attended = ~(s == float("-inf")).all(dim=-1, keepdim=True)
         p = torch.softmax(torch.where(attended, s, 0.0), dim=-1)
         p = torch.where(attended, p, 0.0)
         if dropout_p > 0:
@@ -121,9 +123,9 @@ def attention_qkvpacked(qkv, num_heads, mask=None, scale=None, dropout_p=0.0):
     The qkv projection's output, laid out (3, H, D) along the last dim as in timm and vit-pytorch,
     to the output projection's input: :func:`attention` on its (B, H, N, D) views, heads merged back.
     """
-    B, N, _ = qkv.shape
+    B, N, width = qkv.shape
     q, k, v = qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
-    return attention(q, k, v, mask, scale, dropout_p).transpose(1, 2).reshape(B, N, -1)
+    return attention(q, k, v, mask, scale, dropout_p).transpose(1, 2).reshape(B, N, width // 3)
 
 
 def performer_features(u, w):

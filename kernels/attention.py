@@ -411,6 +411,13 @@ def _forward(q, k, v, o, o_strides, lse, mask, scale):
     """Launch the forward on (B, H, N, D) views q, k, v; o is written through ``o_strides`` (b, h, n, d)."""
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
+    if B * H * Nq == 0:
+        return
+    if Nk == 0:  # no key to attend: every row is fully masked (output 0, lse -inf)
+        o.zero_()
+        if lse is not None:
+            lse.fill_(float("-inf"))
+        return
     mptr, ms, mask_flags = _mask_args(mask, B, H, Nq, Nk, q)
     kernel, meta = _launch("fwd", Nq, Nk, q.dtype)
     grid = lambda META: (triton.cdiv(Nq, META["BLOCK_M"]), H, B)  # noqa: E731
@@ -429,6 +436,11 @@ def _backward(do, q, k, v, o, o_strides, lse, mask, scale, grads):
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     dq, dq_strides, dk, dk_strides, dv, dv_strides, dk_off, dv_off = grads
+    if B * H * Nq * Nk == 0:  # no query or no key: every gradient is 0 (dq holds dk, dv too when packed)
+        for t in (dq, dk, dv):
+            if t is not None:
+                t.zero_()
+        return
     packed = dk is None
     mptr, ms, mask_flags = _mask_args(mask, B, H, Nq, Nk, q)
     common = dict(**mask_flags, INPUT_PRECISION=input_precision(q.dtype), BLOCK_D=triton.next_power_of_2(D))

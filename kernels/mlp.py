@@ -465,6 +465,10 @@ def _ln_backward(dy2, x2, weight, mean, rstd, dx2):
 
 def _ln_run(x, weight, bias, eps, out_dtype, stats):
     C = x.shape[-1]
+    if C == 0:  # rows without features: an empty result (statistics 0, never read)
+        M = torch.Size(x.shape[:-1]).numel()
+        zeros = torch.zeros((M,), dtype=torch.float32, device=x.device) if stats else None
+        return x.new_empty(x.shape, dtype=out_dtype), zeros, None if zeros is None else zeros.clone()
     x2 = _rows(x)
     M = x2.shape[0]
     y = new_output(x.shape, dtype=out_dtype, device=x.device)
@@ -497,6 +501,11 @@ def _layer_norm_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx in x's dtype, dW in weight's dtype, dB in bias's dtype); (0,)-shaped placeholders for absent params."""
     C = x.shape[-1]
+    if C == 0:  # no features: empty dx, and the (0,) gradients of the (0,) parameters
+        def grad(p):
+            return p.new_zeros((0,)) if p is not None else x.new_empty((0,))
+
+        return x.new_empty(x.shape), grad(weight), grad(bias)
     x2, dy2 = _rows(x), _rows(dy)
     dx = new_output(x.shape, dtype=x.dtype, device=x.device)
     dw, db = _ln_backward(dy2, x2, weight, mean, rstd, dx.view(-1, C))

@@ -620,9 +620,12 @@ def _forward(x, kqv_weight, kqv_bias, w, proj_weight, proj_bias, eps, dropout_p,
     B, T, DIM = x.shape
     E, M = proj_weight.shape[0], w.shape[0]
     dev, dt = x.device, x.dtype
-    args, consts = _common(x, kqv_weight, kqv_bias, w)
     save = _save_kqv(DIM, E, training)
     kqv = new_output((B, T, 3 * E), dtype=dt, device=dev) if save else x.new_empty((0,))
+    if B * T == 0:  # no tokens: an empty output, and token sums of zero (as the reference gives)
+        f32 = {"dtype": torch.float32, "device": dev}
+        return x.new_zeros((B, T, E)), torch.zeros((B, M), **f32), torch.zeros((B, M, E), **f32), kqv
+    args, consts = _common(x, kqv_weight, kqv_bias, w)
     split, chunk = _split(B, T, dev)
     ps = new_output((B, split, M), dtype=torch.float32, device=dev)
     pkv = new_output((B, split, M, E), dtype=torch.float32, device=dev)
@@ -646,6 +649,13 @@ def _backward(g, x, kqv_weight, kqv_bias, w, proj_weight, proj_bias, eps, dropou
     B, T, DIM = x.shape
     E, M = proj_weight.shape[0], w.shape[0]
     dev, dt = x.device, x.dtype
+    if B * T == 0:  # no tokens: zero parameter gradients, an empty dx
+        def zeros_or_empty(need, t):  # a fresh tensor each: op outputs may not alias each other
+            return torch.zeros_like(t) if need and t is not None else x.new_empty((0,))
+
+        dx = x.new_zeros((B, T, DIM)) if need_dx else x.new_empty((0,))
+        return (dx, zeros_or_empty(need_dkqv, kqv_weight), zeros_or_empty(need_dkqv, kqv_bias),
+                zeros_or_empty(need_dw, w), torch.zeros_like(proj_weight), zeros_or_empty(True, proj_bias))
     args, consts = _common(x, kqv_weight, kqv_bias, w)
     from_kqv = kqv.numel() > 0
     drop, seed_arg, scale = _dropout_args(dropout_p, seed, x)

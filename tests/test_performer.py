@@ -344,7 +344,7 @@ def test_triton_dropout_backward_uses_the_same_mask(dtype):
         (lambda a: {**a, "w": a["w"].double()}, "w: Triton kernels take"),
         (lambda a: t2t_inputs(1, 3, 20, torch.float32, emb=160, m=8), "emb = 160 > 128"),
         (lambda a: t2t_inputs(1, 3, 20, torch.float32, emb=16, m=130), "m = 130 random features > 128"),
-        (lambda a: {**a, "x": a["x"][:, :0]}, "empty input"),
+        (lambda a: {**a, "x": a["x"][..., :0], "kqv_weight": a["kqv_weight"][:, :0]}, "x has no features"),
     ],
 )
 def test_triton_unsupported_inputs(change, match):

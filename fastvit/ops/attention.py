@@ -94,8 +94,8 @@ def attention(
     Nk = k.shape[2]
     check.shape("k", k, (B, H, None, D), "(q's batch, heads and head dim)")
     check.shape("v", v, (B, H, Nk, D), "(k's batch, heads and length, q's head dim)")
-    if Nq == 0 or Nk == 0 or D == 0:
-        raise ValueError(f"q and k must have at least one token and a head dim >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if D == 0:  # no tokens is fine (empty in, empty out; no key: rows fully masked), no head dim is not
+        raise ValueError(f"q, k and v must have a head dim >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
     dropout_p = _check_mask_scale_dropout(mask, scale, dropout_p, (B, H, Nq, Nk))
     check.same_device("q", q, k=k, v=v, mask=mask)
     q, k, v = cast(autocast_dtype(q), q, k, v)
@@ -125,8 +125,6 @@ def attention_qkvpacked(
     B, N, width = qkv.shape
     if width == 0 or width % (3 * num_heads):
         raise ValueError(f"qkv's last dim ({width}) must be 3 * num_heads * head_dim with num_heads = {num_heads}")
-    if N == 0:
-        raise ValueError(f"qkv must have at least one token, got shape {tuple(qkv.shape)}")
     dropout_p = _check_mask_scale_dropout(mask, scale, dropout_p, (B, int(num_heads), N, N))
     check.same_device("qkv", qkv, mask=mask)
     (qkv,) = cast(autocast_dtype(qkv), qkv)
