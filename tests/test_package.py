@@ -22,6 +22,32 @@ def test_design_table_names_exist():
     assert callable(fastvit.use_backend) and callable(fastvit.get_backend)
 
 
+def test_distribution_is_fastvit_kernels_and_imports_as_fastvit():
+    """pip's name is fastvit-kernels (timm ships an unrelated model family fastvit_*, Apple's FastViT)."""
+    import importlib.metadata
+
+    dist = importlib.metadata.distribution("fastvit-kernels")
+    assert dist.version == fastvit.__version__
+    assert "fastvit" in (dist.read_text("top_level.txt") or "fastvit").split()
+
+
+def test_optimize_leaves_timms_apple_fastvit_alone():
+    """fastvit.optimize matches module classes, never names: timm's fastvit_t8 (Apple's FastViT, a conv /
+    attention hybrid unrelated to this package) comes out unchanged."""
+    timm = pytest.importorskip("timm")
+    import torch
+
+    torch.manual_seed(0)
+    model = timm.create_model("fastvit_t8", num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    before = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    report = fastvit.optimize(model)
+    assert "nothing replaced" in str(report)
+    assert torch.equal(model(x), before)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
 def test_kernels_and_csrc_are_subpackages_of_fastvit():
     assert pathlib.Path(fastvit.kernels.__file__).parent.name == "kernels"
     csrc = importlib.resources.files("fastvit.csrc")
@@ -43,7 +69,7 @@ def test_wheel_ships_the_cuda_sources(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                            str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (wheel,) = tmp_path.glob("fastvit-*.whl")
+    (wheel,) = tmp_path.glob("fastvit_kernels-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     headers = {p.name for p in (ROOT / "csrc").glob("*.cuh")}
     for name in (*_ext.SOURCES, *headers, "mlp.py", "__init__.py"):
