@@ -263,6 +263,11 @@ def _auto_arch(args, kwargs) -> int | None:
     return _arch(x.device.index if x.device.index is not None else torch.cuda.current_device())
 
 
+def _on_meta(args, kwargs) -> bool:
+    x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    return x is not None and x.device.type == "meta"
+
+
 def select(fn: str, *args, **kwargs) -> Impl:
     """The implementation of ``fn`` that serves these inputs under the current selection.
 
@@ -281,6 +286,10 @@ def select(fn: str, *args, **kwargs) -> Impl:
             if impl.reason(*args, **kwargs) is None:
                 return impl
         raise BackendUnavailableError(f"fastvit: no backend serves {fn} for these inputs")  # eager serves all
+    if _on_meta(args, kwargs):
+        # Meta tensors carry no data: whichever backend is named, the op's meaning gives the shapes
+        # (meta-device construction and shape inference work under any selection).
+        return impls["eager"]
     impl = impls.get(name)
     if impl is None:
         raise BackendUnavailableError(

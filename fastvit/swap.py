@@ -58,6 +58,7 @@ from torch import nn
 from fastvit import backend as _backend
 from fastvit import ops
 from fastvit._autocast import autocast_dtype, autocast_off
+from fastvit._torchscript import not_scriptable
 from fastvit.models import convert as _convert
 
 __all__ = ["OptimizeReport", "SwapEntry", "load_checkpoint", "optimize", "restore"]
@@ -248,7 +249,8 @@ def _swapped_class(mixin: type, base: type) -> type:
     cls = _SUBCLASSES.get(key)
     if cls is None:
         name = f"Fastvit{base.__name__}"
-        cls = type(name, (mixin, base), {"__module__": __name__, "__qualname__": name, "_fastvit_base": base})
+        cls = type(name, (mixin, base), {"__module__": __name__, "__qualname__": name, "_fastvit_base": base,
+                                         "__prepare_scriptable__": not_scriptable})
         _SUBCLASSES[key] = cls
     return cls
 

@@ -423,8 +423,8 @@ def test_triton_unsupported_inputs_raise_explicitly_and_auto_falls_back(monkeypa
         wide = torch.randn(1, 2048, 3, 3)  # 2048 * 9 features > one tile
         with pytest.raises(BackendUnavailableError, match="18432 features in one tile"):
             ops.embed.soft_split_layer_norm(wide, 3, 1, 1)
-        with pytest.raises(BackendUnavailableError, match="Triton kernels need CUDA tensors"):
-            ops.patch_embed(x.float().to("meta"), w.float().to("meta"), None, 4)
+        # meta tensors carry no data: a named backend serves them by the op's meaning (shapes)
+        assert ops.patch_embed(x.float().to("meta"), w.float().to("meta"), None, 4).shape == (1, 4, 4)
     monkeypatch.setattr(backend, "_auto_arch", lambda args, kwargs: 9)  # as for inputs on an sm_90 GPU
     assert backend.select("patch_embed", x, w, None, (4, 4), None, None).backend == "eager"
     assert backend.select("patch_embed", x.float(), w.float(), None, (4, 4), None, None).backend == "triton"

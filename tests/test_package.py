@@ -107,3 +107,48 @@ def test_every_op_runs_on_cuda_under_bf16_autocast():
         assert ops.layer_norm(y).dtype == torch.bfloat16
         fc1, fc2 = torch.randn(256, 64, device=dev), torch.randn(64, 256, device=dev)
         assert ops.layernorm_mlp(y, None, None, fc1, None, fc2, None, residual=y).dtype == torch.float32
+
+
+def test_torchscript_says_to_use_export_or_restore():
+    """TorchScript is deprecated upstream and not supported: scripting a fastvit module, model, or a model
+    after optimize raises one clear error; fastvit.restore(model) makes an optimized model scriptable again."""
+    timm = pytest.importorskip("timm")
+    import warnings
+
+    import torch
+
+    from fastvit import nn as fnn
+
+    tiny = dict(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, num_classes=10)
+    for module in (fnn.Block(dim=64, num_heads=4), fastvit.create_model("vit_tiny_patch16_224", **tiny)):
+        with pytest.raises(RuntimeError, match="do not support TorchScript.*torch.export.export"):
+            torch.jit.script(module)
+    model = timm.create_model("vit_tiny_patch16_224", **tiny).eval()
+    fastvit.optimize(model)
+    with pytest.raises(RuntimeError, match="fastvit.restore"):
+        torch.jit.script(model)
+    fastvit.restore(model)
+    x = torch.randn(1, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script's own deprecation notice
+        scripted = torch.jit.script(model)
+    torch.testing.assert_close(scripted(x), model(x))
+
+
+def test_readme_python_blocks_paste_into_a_python_prompt():
+    """Fed line by line as the interactive prompt reads them (an indented block ends at a blank line), every
+    README python block parses: no top-level statement right after an indented block."""
+    import codeop
+
+    readme = (ROOT / "README.md").read_text()
+    for block in re.findall(r"```python\n(.*?)```", readme, flags=re.S):
+        buffer: list[str] = []
+        for line in [*block.splitlines(), ""]:
+            buffer.append(line)
+            source = "\n".join(buffer)
+            try:
+                code = codeop.compile_command(source, "<stdin>", "single")
+            except SyntaxError as e:
+                raise AssertionError(f"pasting fails at {line!r}: {e}\n{source}") from None
+            if code is not None or not source.strip():
+                buffer = []

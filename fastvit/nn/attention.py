@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from fastvit import ops
+from fastvit._torchscript import not_scriptable
 
 
 class Attention(nn.Module):
@@ -15,6 +16,8 @@ class Attention(nn.Module):
     defaults to head_dim ** -0.5. ``mask`` is passed to :func:`fastvit.ops.attention` (broadcast to
     (B, heads, N, N); True = attend).
     """
+
+    __prepare_scriptable__ = not_scriptable  # TorchScript: one clear error (fastvit/_torchscript.py)
 
     def __init__(
         self,

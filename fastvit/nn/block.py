@@ -8,6 +8,7 @@ from torch import nn
 from fastvit import ops
 from fastvit.nn.attention import Attention
 from fastvit.nn.mlp import LayerNorm, Mlp
+from fastvit._torchscript import not_scriptable
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -49,6 +50,8 @@ class Block(nn.Module):
     ``mlp.fc1``, ``mlp.fc2``, ``ls2.gamma``). The second half is one :func:`fastvit.ops.layernorm_mlp`
     call with the residual fused, except where layer scale or active drop path sit in between.
     """
+
+    __prepare_scriptable__ = not_scriptable  # TorchScript: one clear error (fastvit/_torchscript.py)
 
     def __init__(
         self,

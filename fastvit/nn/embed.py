@@ -7,6 +7,7 @@ from torch import nn
 
 from fastvit import ops
 from fastvit.ops._checks import pair
+from fastvit._torchscript import not_scriptable
 
 
 class PatchEmbed(nn.Module):
@@ -16,6 +17,8 @@ class PatchEmbed(nn.Module):
     front and adds a position embedding in the same op. H and W may differ from ``img_size`` as long
     as they are multiples of the patch size (the position embedding must then match).
     """
+
+    __prepare_scriptable__ = not_scriptable  # TorchScript: one clear error (fastvit/_torchscript.py)
 
     def __init__(self, img_size=224, patch_size=16, in_chans: int = 3, embed_dim: int = 768, bias: bool = True):
         super().__init__()
@@ -35,6 +38,8 @@ class PatchEmbed(nn.Module):
 
 class SoftSplit(nn.Module):
     """T2T-ViT's overlapping unfold. x: (B, C, H, W) -> (B, L, C * k * k)."""
+
+    __prepare_scriptable__ = not_scriptable  # TorchScript: one clear error (fastvit/_torchscript.py)
 
     def __init__(self, kernel_size, stride, padding=0):
         super().__init__()

@@ -6,10 +6,13 @@ import torch
 from torch import nn
 
 from fastvit import ops
+from fastvit._torchscript import not_scriptable
 
 
 class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` over the last dim, computed by :func:`fastvit.ops.layer_norm` (same state_dict)."""
+
+    __prepare_scriptable__ = not_scriptable  # TorchScript: one clear error (fastvit/_torchscript.py)
 
     def __init__(self, normalized_shape: int, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True):
         super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias)
@@ -28,6 +31,8 @@ class Mlp(nn.Module):
     the unfused MLP for callers without a LayerNorm in front.
     """
 
+    __prepare_scriptable__ = not_scriptable  # TorchScript: one clear error (fastvit/_torchscript.py)
+
     def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None, bias: bool = True, drop: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
@@ -40,6 +45,8 @@ class Mlp(nn.Module):
 
 class LayerNormMLP(nn.Module):
     """LayerNorm then MLP as one op. x: (..., in_features) -> (..., out_features), plus ``residual``."""
+
+    __prepare_scriptable__ = not_scriptable  # TorchScript: one clear error (fastvit/_torchscript.py)
 
     def __init__(
         self,

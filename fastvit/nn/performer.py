@@ -10,6 +10,7 @@ from torch import nn
 from fastvit import ops
 from fastvit.nn.embed import SoftSplit
 from fastvit.nn.mlp import LayerNorm
+from fastvit._torchscript import not_scriptable
 
 
 class TokenPerformer(nn.Module):
@@ -19,6 +20,8 @@ class TokenPerformer(nn.Module):
     the official ``Token_performer`` (``kqv``, ``proj``, ``norm1``, ``norm2``, ``mlp.0``, ``mlp.2``,
     ``w``); ``w`` is a parameter with requires_grad=False, as official.
     """
+
+    __prepare_scriptable__ = not_scriptable  # TorchScript: one clear error (fastvit/_torchscript.py)
 
     def __init__(self, dim: int, in_dim: int, head_cnt: int = 1, kernel_ratio: float = 0.5, dp1: float = 0.1, dp2: float = 0.1):
         super().__init__()
