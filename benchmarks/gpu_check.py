@@ -15,7 +15,7 @@ the prebuilt one does not load); bf16 and fp16 parity of every op on every backe
 T2T-ViT-14 shapes by the numerics rule; per-family forward and forward + backward timings against
 eager and the SDPA backends; the ViT-B/16 training step and inference img/s at batch 256 (bf16
 autocast) for timm eager, timm + ``optimize`` and fastvit's model.
-Tier 2: ``torch.compile`` baselines and fastvit under compile, ``pytest -m gpu``, compute-sanitizer
+Tier 2: ``torch.compile`` baselines and fastvit under compile, ``pytest -m 'gpu or edge'``, compute-sanitizer
 memcheck and racecheck of the CUDA ops (recorded as refused where the machine refuses it), and the
 T2T-ViT-14 training step against the official formulation.
 
@@ -214,7 +214,7 @@ STEPS = [
          f"T2T-ViT-14 training step at batch {T2T_BATCH} against the official formulation (bf16 autocast)"),
     Step("sanitizer", (2,), 150, step_sanitizer, plan_sanitizer,
          "compute-sanitizer memcheck and racecheck of the CUDA extension's ops"),
-    Step("pytest-gpu", (2,), 240, step_pytest_gpu, plan_pytest_gpu, "pytest -m gpu"),
+    Step("pytest-gpu", (2,), 240, step_pytest_gpu, plan_pytest_gpu, "pytest -m 'gpu or edge'"),
     Step("compile-ops", (2,), 120, lambda c: time_cases(c, family_cases(True), "bench"),
          lambda c: plan_cases(c, family_cases(True), "bench"), "torch.compile baselines of the op families"),
 ]

@@ -386,6 +386,9 @@ def plan_cases(ctx: Run, cases: list, kind: str) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
+GPU_SELECTION = "gpu or edge"  # the gpu tests, and the edge-input test (which covers the cuda backend on a GPU)
+
+
 def _pytest_counts(text: str) -> dict:
     out = {}
     for n, what in re.findall(r"(\d+) (passed|failed|skipped|error|errors|xfailed|xpassed|deselected)", text):
@@ -395,7 +398,7 @@ def _pytest_counts(text: str) -> dict:
 
 def step_pytest_gpu(ctx: Run) -> dict:
     box = ctx.remaining() - 10
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfE", "--durations=15"]
+    cmd = [sys.executable, "-m", "pytest", "-m", GPU_SELECTION, "-q", "-p", "no:cacheprovider", "-rfE", "--durations=15"]
     if importlib_available("pytest_timeout"):
         cmd.append("--timeout=120")  # one hung test does not eat the step
     try:
@@ -413,7 +416,7 @@ def step_pytest_gpu(ctx: Run) -> dict:
 
 def plan_pytest_gpu(ctx: Run) -> dict:
     """The ``gpu`` selection collects (its count is what the GPU run should see)."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "--collect-only", "-q", "-p", "no:cacheprovider"],
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", GPU_SELECTION, "--collect-only", "-q", "-p", "no:cacheprovider"],
                           cwd=ROOT.parent, capture_output=True, text=True, timeout=300)
     m = re.search(r"(\d+)/(\d+) tests? collected", proc.stdout) or re.search(r"(\d+) tests? collected", proc.stdout)
     if proc.returncode != 0 or not m or int(m.group(1)) == 0:

@@ -13,6 +13,8 @@ import torch
 import fastvit
 from fastvit import backend, ops
 
+pytestmark = pytest.mark.edge  # fastvit-gpu-check's tier 2 runs these with the gpu tests (the cuda backend there)
+
 FP16_BIG = 60000.0  # near fp16's maximum (65504)
 
 
