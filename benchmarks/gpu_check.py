@@ -86,6 +86,8 @@ class Run:
         self.step = "-"
         self.env: dict[str, Any] = {}
         self.peaks: dict[str, Any] = {}
+        self.compile_job = None  # gpu_steps.Background: the compile-ahead, started before the first step
+        self.ext_build = None  # gpu_steps.Background: the CUDA extension's build, when the prebuilt one does not match
 
     def say(self, msg: str) -> None:
         line = f"[{time.monotonic() - self.start:6.1f}s] {msg}"
@@ -176,7 +178,7 @@ def run_step(ctx: Run, step: Step, reserve_s: float = 0.0) -> dict:
     except Exception as e:  # noqa: BLE001 -- recorded, the run goes on
         status, result = "failed", {"error": f"{type(e).__name__}: {str(e).strip()[:600]}"}
         ctx.log_text(traceback.format_exc())
-    job = getattr(ctx, "compile_job", None)
+    job = ctx.compile_job
     compiling = step.name == "compile-ahead" or (job is not None and job.proc.poll() is None)
     jit = {} if ctx.plan or compiling else {"jit_compiles": triton_cache_entries() - cached}
     rec = ctx.emit({"kind": "step", "status": status, "seconds": round(time.monotonic() - start, 2),
@@ -271,7 +273,7 @@ def summary_markdown(records: list[dict]) -> str:
     models = [r for r in bench if r.get("family") == "models"]
     if models:
         lines += ["", "## Models", "", markdown_table(
-            [_bench_row(r) for r in models],
+            report._rows(models),
             ["case", "dtype", "mode", "batch", "variant", "img_per_s", "median_ms", "p20_p80", "pct_peak", "peak_mem_gib",
              "best", "error"],
             ["model", "dtype", "mode", "batch", "variant", "img/s", "ms", "p20-p80", "MFU %", "peak GiB", "x best baseline",
@@ -279,7 +281,7 @@ def summary_markdown(records: list[dict]) -> str:
     ops = [r for r in bench if r.get("family") != "models"]
     if ops:
         lines += ["", "## Op families", "", markdown_table(
-            [_bench_row(r) for r in ops],
+            report._rows(ops),
             ["family", "case", "dtype", "mode", "variant", "median_ms", "p20_p80", "tflops", "gbps", "pct_roofline", "best",
              "error"],
             ["family", "case", "dtype", "mode", "variant", "ms", "p20-p80", "TFLOP/s", "GB/s", "% roofline",
@@ -297,16 +299,6 @@ def _step_note(r: dict) -> str:
     keys = ("variants", "compiled", "checks", "failed", "cases", "of", "variant_errors", "collected", "passed",
             "skipped", "library", "load_s", "gpu", "jit_compiles")
     return ", ".join(f"{k} {r[k]}" for k in keys if r.get(k) is not None)
-
-
-def _bench_row(r: dict) -> dict:
-    row = dict(r)
-    if "p20_ms" in r:
-        row["p20_p80"] = f"{r['p20_ms']:.3g}-{r['p80_ms']:.3g}"
-    if "x_best_baseline" in r:
-        row["best"] = f"{r['x_best_baseline']:.2f} ({r['best_baseline']})"
-    row["error"] = r.get("error", "")
-    return row
 
 
 # ------------------------------------------------------------------------------------------------
@@ -404,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             ctx.write_summary()
             break
     ctx.say(f"done in {time.monotonic() - ctx.start:.0f} s: {failed} step(s) failed or timed out; see {ctx.summary}")
-    for job in (getattr(ctx, "compile_job", None), getattr(ctx, "ext_build", None)):
+    for job in (ctx.compile_job, ctx.ext_build):
         if job is not None and job.proc.poll() is None:
             job.proc.kill()
     return 1 if failed else 0

@@ -224,7 +224,7 @@ def step_cuda_extension(ctx: Run) -> dict:
 
     state = ext_state()
     start = time.perf_counter()
-    build = getattr(ctx, "ext_build", None)
+    build = ctx.ext_build
     if not state["built"] and build is not None:
         rc, out, seconds = build.join(ctx.remaining() - 5)
         ctx.log_text(f"--- CUDA extension build\n{out}")
@@ -507,7 +507,7 @@ def plan_sanitizer(ctx: Run) -> dict:
 
 
 def step_compile_ahead(ctx: Run) -> dict:
-    return join_compile_ahead(ctx, getattr(ctx, "compile_job", None), ctx.remaining() - 5)
+    return join_compile_ahead(ctx, ctx.compile_job, ctx.remaining() - 5)
 
 
 def plan_compile_ahead(ctx: Run) -> dict:

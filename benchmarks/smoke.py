@@ -87,7 +87,13 @@ def run_checks(checks: Iterable[SmokeCheck], device: str, progress: Callable = i
 
     from benchmarks.common import backend_specs
 
-    records = _Records(emit)
+    records: list[dict] = []
+
+    def add(rec: dict) -> None:
+        records.append(rec)
+        if emit is not None:
+            emit(rec)
+
     name = {torch.float32: "float32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
     _library.poison_outputs(True)
     _DRAW_DTYPE = dtype
@@ -101,11 +107,11 @@ def run_checks(checks: Iterable[SmokeCheck], device: str, progress: Callable = i
                 ref = _run(check, torch.float64, device, eager)
                 ref_e = _run(check, dtype, device, eager)
             except Exception as e:  # noqa: BLE001 -- recorded as a failure, the run goes on
-                records.append({**base, "variant": "eager", "passed": False, "error": f"{type(e).__name__}: {e}"})
+                add({**base, "variant": "eager", "passed": False, "error": f"{type(e).__name__}: {e}"})
                 continue
             specs = backend_specs(fams)
             if not specs:
-                records.append({**base, "variant": "-", "passed": True, "note": "no fused backend can run here"})
+                add({**base, "variant": "-", "passed": True, "note": "no fused backend can run here"})
             for b, spec in specs.items():
                 rec = {**base, "variant": f"fastvit[{b}]", "backends": spec}
                 try:
@@ -115,21 +121,9 @@ def run_checks(checks: Iterable[SmokeCheck], device: str, progress: Callable = i
                         rec["error"] = f"{failed} exceeds the tolerance"
                 except Exception as e:  # noqa: BLE001
                     rec.update(passed=False, error=f"{type(e).__name__}: {str(e).strip()[:200]}")
-                records.append(rec)
+                add(rec)
     finally:
         _library.poison_outputs(False)
         _DRAW_DTYPE = torch.float32
-    return list(records)
+    return records
 
-
-class _Records(list):
-    """A list that hands each appended record to ``emit`` as well."""
-
-    def __init__(self, emit: Callable[[dict], None] | None):
-        super().__init__()
-        self.emit = emit
-
-    def append(self, rec: dict) -> None:
-        super().append(rec)
-        if self.emit is not None:
-            self.emit(rec)

@@ -254,17 +254,21 @@ def get_backend(family: str | None = None) -> str | dict[str, str]:
     return _state[family]
 
 
+def _first_tensor(args, kwargs) -> torch.Tensor | None:
+    return next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+
+
 def _auto_arch(args, kwargs) -> int | None:
     """The compute capability major of the first tensor input's GPU; None for CPU (or meta) inputs,
     for which auto looks at eager only."""
-    x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    x = _first_tensor(args, kwargs)
     if x is None or x.device.type != "cuda":
         return None
     return _arch(x.device.index if x.device.index is not None else torch.cuda.current_device())
 
 
 def _on_meta(args, kwargs) -> bool:
-    x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    x = _first_tensor(args, kwargs)
     return x is not None and x.device.type == "meta"
 
 

@@ -31,6 +31,12 @@ def autotune_configs(configs: list) -> list:
     return list(configs) if most is None else list(configs[:most])
 
 
+def kernel_flags(kernel) -> list[str]:
+    """The constexpr parameters of a Triton kernel that are flags, not tile sizes (``BLOCK_*``): each
+    changes the compiled kernel, so each belongs in its autotuning key."""
+    return [p.name for p in kernel.params if p.is_constexpr and not p.name.startswith("BLOCK_")]
+
+
 def bucket(n: int) -> int:
     """An autotuning key for a size that follows the batch (rows, K = rows): the next power of two, so a
     new batch size (the last partial batch, evaluation) reuses the tuning of its power-of-two bucket."""

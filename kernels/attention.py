@@ -49,7 +49,7 @@ import triton.language as tl
 
 from fastvit import reference
 from fastvit._library import FusedOp, get_op, new_output, op_name, wire_autograd
-from fastvit.kernels._common import autotune_configs, input_precision, interpreting, wrap_triton
+from fastvit.kernels._common import autotune_configs, input_precision, interpreting, kernel_flags, wrap_triton
 
 LOG2E = 1.4426950408889634
 
@@ -346,11 +346,11 @@ _SPILL_AT_D128 = {"fwd": {(128, 64, 4), (128, 128, 8)}, "dkdv": {(64, 64, 4)}}
 
 
 def _pruner(kind: str):
-    """early_config_prune for ``kind``: without the configs that spill at BLOCK_D = 128 (never all)."""
+    """early_config_prune for ``kind``: without the configs that spill at BLOCK_D = 128 in 16-bit (never all)."""
     bad = _SPILL_AT_D128.get(kind, set())
 
     def prune(configs, named_args, **kwargs):
-        if kwargs.get("BLOCK_D", 0) < 128 or named_args.get("Q") is not None and named_args["Q"].dtype == torch.float32:
+        if kwargs.get("BLOCK_D", 0) < 128 or named_args["Q"].dtype == torch.float32:
             return configs
         keep = [c for c in configs if (c.kwargs.get("BLOCK_M"), c.kwargs.get("BLOCK_N"), c.num_warps) not in bad]
         return keep or configs
@@ -388,9 +388,8 @@ def _launch(kind: str, Nq: int, Nk: int, dtype: torch.dtype, D: int = 64):
     tuned_key = (kind, dtype == torch.float32, wide)
     if tuned_key not in _tuned:  # built lazily: the interpreter has no driver to autotune with
         kernel = _KERNELS[kind]  # keyed on the lengths, the head dim and every flag (mask kind, ...) of the kernel
-        flags = [p.name for p in kernel.params if p.is_constexpr and not p.name.startswith("BLOCK_")]
         configs = autotune_configs(_configs(*tuned_key))
-        _tuned[tuned_key] = triton.autotune(configs=configs, key=["Nq", "Nk", "D", *flags],
+        _tuned[tuned_key] = triton.autotune(configs=configs, key=["Nq", "Nk", "D", *kernel_flags(kernel)],
                                             prune_configs_by={"early_config_prune": _pruner(kind)})(kernel)
     return _tuned[tuned_key], fixed
 

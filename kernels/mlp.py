@@ -296,12 +296,12 @@ def _mm_configs(fixed_block_m: int | None, fp32: bool):
             (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 4), (128, 128, 64, 4, 8),
             (64, 256, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 32, 4, 4), (64, 128, 32, 4, 4),
         ]
-    if fixed_block_m is not None:
+    if fixed_block_m == _PSUM_BLOCK_M and not fp32:
+        # The column-sum epilogues (dGELU + fc1 bias grad) hold more live registers: at sm_90 the
+        # 128x256/8-warp, 128x128/4-warp and BK=32 tiles spill (8-136 stack bytes); these two do not.
+        shapes = [(128, 128, 64, 4, 8), (128, 64, 64, 4, 4)]
+    elif fixed_block_m is not None:
         shapes = [s for s in shapes if s[0] == fixed_block_m]
-        if not fp32 and fixed_block_m == _PSUM_BLOCK_M:
-            # The column-sum epilogues (dGELU + fc1 bias grad) hold more live registers: at sm_90 the
-            # 128x256/8-warp, 128x128/4-warp and BK=32 tiles spill (8-136 stack bytes); these two do not.
-            shapes = [(128, 128, 64, 4, 8), (128, 64, 64, 4, 4)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
         for bm, bn, bk, s, w in shapes

@@ -111,7 +111,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from fastvit._library import FusedOp, get_op, new_output, op_name, wire_autograd
-from fastvit.kernels._common import autotune_configs, bucket, input_precision, interpreting, wrap_triton
+from fastvit.kernels._common import autotune_configs, bucket, input_precision, interpreting, kernel_flags, wrap_triton
 
 FN = "performer_attention"  # emb, m <= 128 and the other limits: fastvit.ops.performer._triton_why_not
 
@@ -521,15 +521,16 @@ def _wgrad_configs():
 
 
 def _tuned(name: str, fp32: bool = False):
-    """The GPU entry point: the kernel autotuned over a few configurations (created lazily)."""
+    """The GPU entry point: the kernel autotuned over a few configurations (created lazily); the token-tile
+    kernels have an fp32 list of their own, the weight-gradient GEMM one list."""
+    fp32 = fp32 and name != "wgrad"
     if (name, fp32) not in _TUNED:
         if name == "wgrad":
             key = ["N_BUCKET", "DIM", "E3", "HAS_BIAS", "IP"]  # N = batch x tokens, bucketed: a new batch does not re-tune
             _TUNED[(name, fp32)] = triton.autotune(autotune_configs(_wgrad_configs()), key=key)(_wgrad_kernel)
         else:  # T (tokens per image), the widths, and every flag that changes the compiled kernel
             kernel = _TILE_KERNELS[name]
-            flags = [p.name for p in kernel.params if p.is_constexpr and not p.name.startswith("BLOCK_")]
-            key = ["T", "DIM", "E", "M", *flags]
+            key = ["T", "DIM", "E", "M", *kernel_flags(kernel)]
             _TUNED[(name, fp32)] = triton.autotune(autotune_configs(_tile_configs(fp32)), key=key)(kernel)
     return _TUNED[(name, fp32)]
 
