@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 BACKENDS = ("auto", "eager", "triton", "cuda")
 FAMILIES: dict[str, tuple[str, ...]] = {
@@ -267,9 +268,11 @@ def _auto_arch(args, kwargs) -> int | None:
     return _arch(x.device.index if x.device.index is not None else torch.cuda.current_device())
 
 
-def _on_meta(args, kwargs) -> bool:
+def _without_data(args, kwargs) -> bool:
+    """The inputs carry no data: meta tensors, or fake tensors outside torch.compile (whose tracing
+    Python does not see as fake)."""
     x = _first_tensor(args, kwargs)
-    return x is not None and x.device.type == "meta"
+    return x is not None and (x.device.type == "meta" or isinstance(x, FakeTensor))
 
 
 def select(fn: str, *args, **kwargs) -> Impl:
@@ -280,6 +283,10 @@ def select(fn: str, *args, **kwargs) -> Impl:
     """
     name = _state[FUNCTIONS[fn]]
     impls = _impls[fn]
+    if torch.compiler.is_exporting():
+        # torch.export (and torch.onnx.export) records the op's eager meaning: an exported program is
+        # a portable artifact (ONNX, ExecuTorch, AOTInductor, any device), not tied to fastvit's kernels.
+        return impls["eager"]
     if name == "auto":
         for b in auto_order(FUNCTIONS[fn], _auto_arch(args, kwargs)):
             impl = impls.get(b)
@@ -290,9 +297,10 @@ def select(fn: str, *args, **kwargs) -> Impl:
             if impl.reason(*args, **kwargs) is None:
                 return impl
         raise BackendUnavailableError(f"fastvit: no backend serves {fn} for these inputs")  # eager serves all
-    if _on_meta(args, kwargs):
-        # Meta tensors carry no data: whichever backend is named, the op's meaning gives the shapes
-        # (meta-device construction and shape inference work under any selection).
+    if _without_data(args, kwargs):
+        # Meta and fake tensors carry no data: whichever backend is named, the op's meaning gives the
+        # shapes (meta-device construction, FakeTensorMode shape inference and make_fx tracing work
+        # under any selection; the Triton interpreter could not run on them).
         return impls["eager"]
     impl = impls.get(name)
     if impl is None:

@@ -103,3 +103,15 @@ def test_fronts_trace_with_torch_compile_fullgraph():
     (gx,) = torch.autograd.grad(out, x)
     torch.testing.assert_close(out, f(x, img))
     torch.testing.assert_close(gx, torch.autograd.grad(f(x, img), x)[0])
+
+
+def test_wrong_width_input_names_the_parameter():
+    cases = [
+        (fnn.Block(32, 2), "norm1.weight"),
+        (fnn.Attention(32, 2), "qkv.weight"),
+        (fnn.LayerNormMLP(32, 64), "norm.weight"),
+        (fnn.TokenPerformer(32, 16), "norm1.weight"),
+    ]
+    for module, name in cases:
+        with pytest.raises(ValueError, match=rf"x must be a tensor \(\.\.\., 32\) to match {name} \(32 features\), got \(2, 5, 40\)"):
+            module(torch.randn(2, 5, 40))

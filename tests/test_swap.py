@@ -242,8 +242,8 @@ def test_left_alone_with_reasons():
     text = str(report)
     assert "left alone" in text and "QuickGELU" in text
     # the attention of the left-alone blocks is still swapped
-    assert isinstance(model.tanh.blocks[0].attn, swap._TimmAttention)
-    assert not isinstance(model.tanh.blocks[0], swap._Swapped)
+    assert isinstance(model.tanh.blocks[0].attn, swap.timm._TimmAttention)
+    assert not isinstance(model.tanh.blocks[0], swap.core._Swapped)
 
 
 def test_flags_leave_families_alone():
@@ -276,7 +276,7 @@ def test_optimize_twice_and_restore():
     assert not second.changed and len(second.already) == len(first.replaced)
     n = swap.restore(model)
     assert n == len(first.replaced)
-    assert not any(isinstance(m, swap._Swapped) for m in model.modules())
+    assert not any(isinstance(m, swap.core._Swapped) for m in model.modules())
     assert not any(k.startswith("_fastvit") for m in model.modules() for k in m.__dict__)
     x = image()
     torch.testing.assert_close(model.eval()(x), ref(x), rtol=0, atol=0)
@@ -304,7 +304,7 @@ def test_deepcopy_pickle_and_ema():
     torch.save(model, buf)
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
-    assert isinstance(loaded.blocks[0], swap._TimmBlock)
+    assert isinstance(loaded.blocks[0], swap.timm._TimmBlock)
     assert isinstance(loaded.blocks[0], timm.models.vision_transformer.Block)
     torch.testing.assert_close(loaded(x), y, rtol=0, atol=0)
 
@@ -313,7 +313,7 @@ def test_deepcopy_pickle_and_ema():
 
     model.train()
     ema = ModelEmaV3(model, decay=0.5)
-    assert isinstance(ema.module.blocks[0].attn, swap._TimmAttention)
+    assert isinstance(ema.module.blocks[0].attn, swap.timm._TimmAttention)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model(x).square().mean().backward()
     opt.step()
@@ -488,10 +488,10 @@ def test_unknown_attribute_in_forward_is_left_alone():
 
     attn = NewerAttention(64, num_heads=2)
     attn.rope_scale = 2.0
-    env = swap._Env()
+    env = swap.core._Env()
     env.timm_attention += (NewerAttention,)
-    ctx = swap._Ctx(env, None, dict(attention=True, mlp=True, embed=True, performer=True))
-    assert "self.rope_scale" in swap._TimmAttention._fv_why_not(attn, ctx)
+    ctx = swap.core._Ctx(env, None, dict(attention=True, mlp=True, embed=True, performer=True))
+    assert "self.rope_scale" in swap.timm._TimmAttention._fv_why_not(attn, ctx)
     assert ta.Attention is timm.layers.Attention
 
 
@@ -612,3 +612,24 @@ def test_triton_interpreter_parity(family, fns, which):
         for fn, impl in originals.items():
             fbackend._impls[fn]["triton"] = impl
     assert set(calls) == set(fns), f"the Triton kernels ran: {sorted(set(calls))}"
+
+
+def test_wrong_width_input_names_the_parameter():
+    """A swapped module's input check names the parameter that sets its width, not an op argument."""
+    timm_model = small_vit()
+    vp_model = vit_pytorch_models()["ViT"]()
+    t2t = tiny_t2t()
+    for model in (timm_model, vp_model, t2t):
+        assert fastvit.optimize(model).changed
+    cases = [
+        (timm_model.blocks[0], 192, "norm2.weight"),
+        (timm_model.blocks[0].attn, 192, "qkv.weight"),
+        (vp_model.transformer.layers[0][0], 64, "norm.weight"),
+        (vp_model.transformer.layers[0][1], 64, "net.0.weight"),
+        (t2t.blocks[0], 64, "norm2.weight"),
+        (t2t.tokens_to_token.attention1, 3 * 7 * 7, "norm1.weight"),
+    ]
+    for module, width, name in cases:
+        assert isinstance(module, swap.core._Swapped), type(module)
+        with pytest.raises(ValueError, match=rf"x must be a tensor \(\.\.\., {width}\) to match {name}"):
+            module(torch.randn(2, 5, width + 8))

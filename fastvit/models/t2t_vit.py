@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastvit.models._image import check_image
 from fastvit.models._pos_embed import get_sinusoid_encoding
 from fastvit.nn import Block, LayerNorm, SoftSplit, TokenPerformer
 from fastvit.ops._checks import pair
@@ -46,10 +47,9 @@ class T2TModule(nn.Module):
         self.num_patches = self.grid_size[0] * self.grid_size[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4:
-            raise ValueError(f"x must be an image batch (B, C, H, W), got shape {tuple(x.shape)}")
+        x = check_image(x, "x", (1, 1))
         B = x.shape[0]
-        h, w = self.soft_split0.output_size(*x.shape[-2:])
+        h, w = self.soft_split0.output_size(x.shape[-2], x.shape[-1])
         x = self.attention1(x, split=self.soft_split0)  # soft split + norm1 fused
         x = x.transpose(1, 2).reshape(B, x.shape[-1], h, w)
         h, w = self.soft_split1.output_size(h, w)
@@ -150,13 +150,10 @@ class T2TViT(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> tokens (B, 1 + H/16 * W/16, embed_dim) after the blocks and ``norm``."""
-        if x.dim() == 4 and tuple(x.shape[-2:]) != self.tokens_to_token.img_size:
-            raise ValueError(
-                f"x's image size {tuple(x.shape[-2:])} differs from img_size {self.tokens_to_token.img_size}: "
-                f"build the model with img_size={tuple(x.shape[-2:])} (a checkpoint's pos_embed is resampled on load)"
-            )
+        x = check_image(x, "x", (1, 1), self.tokens_to_token.img_size,
+                        ": build the model with that img_size (a checkpoint's pos_embed is resampled on load)")
         x = self.tokens_to_token(x)
-        x = torch.cat((self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1), x), dim=1)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1).to(x), x), dim=1)
         x = self.pos_drop(x + self.pos_embed)
         for blk in self.blocks:
             x = blk(x)

@@ -7,8 +7,8 @@ import math
 import torch
 from torch import nn
 
+from fastvit.models._image import check_image, pos_for_image, promote
 from fastvit.models._pos_embed import posemb_sincos_2d
-from fastvit.models.convert import resample_pos_embed
 from fastvit.nn import Block, LayerNorm, PatchEmbed
 
 GLOBAL_POOLS = ("", "token", "avg", "avgmax", "max")
@@ -183,44 +183,30 @@ class VisionTransformer(nn.Module):
         self.head = nn.Linear(self.embed_dim, num_classes, **kw) if num_classes > 0 else nn.Identity()
         self.head.train(self.training)
 
-    def _pos_table(self, grid: tuple[int, int]) -> torch.Tensor | None:
-        if self.pos_embed is None or grid == self.patch_embed.grid_size:
-            return self.pos_embed
-        if self.pos_embed_type == "sincos":
-            return self._sincos(grid).to(self.pos_embed)
-        n_prefix = 0 if self.no_embed_class else self.num_prefix_tokens
-        return resample_pos_embed(self.pos_embed, grid, self.patch_embed.grid_size, n_prefix)
-
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4:
-            raise ValueError(f"x must be an image batch (B, C, H, W), got shape {tuple(x.shape)}")
-        (H, W), (ph, pw) = x.shape[-2:], self.patch_embed.patch_size
-        if H % ph or W % pw:
-            raise ValueError(f"x's image size {(H, W)} must be a multiple of patch_size {(ph, pw)}")
-        grid = (H // ph, W // pw)
-        if grid != self.patch_embed.grid_size and not self.dynamic_img_size:
-            raise ValueError(
-                f"x's image size {(H, W)} differs from img_size {self.patch_embed.img_size}: build the model "
-                f"with img_size={(H, W)} or dynamic_img_size=True"
-            )
-        pos = self._pos_table(grid)
+        pe = self.patch_embed
         n_prefix = self.num_prefix_tokens
+        if self.dynamic_img_size:
+            x = check_image(x, "x", pe.patch_size)
+            pos = pos_for_image(x, self.pos_embed, pe.patch_size, pe.grid_size, 0 if self.no_embed_class else n_prefix,
+                                self.pos_embed_type == "sincos")
+        else:
+            x = check_image(x, "x", pe.patch_size, pe.img_size,
+                            ": build the model with that img_size or dynamic_img_size=True")
+            pos = self.pos_embed
         prefix = [t for t in (self.cls_token, self.reg_token) if t is not None]
         if self.cls_token is not None and self.reg_token is None and (pos is None or not self.no_embed_class):
-            x = self.patch_embed(x, pos, self.cls_token)
+            x = pe(x, pos, self.cls_token)
             prefix = []
         elif pos is not None and not self.no_embed_class and n_prefix:
-            x = self.patch_embed(x, pos[:, n_prefix:])
+            x = pe(x, pos[:, n_prefix:])
             prefix = [torch.cat(prefix, dim=1) + pos[:, :n_prefix]]
         else:
-            x = self.patch_embed(x, pos)
+            x = pe(x, pos)
         if prefix:
             x = torch.cat([t.to(x.dtype).expand(x.shape[0], -1, -1) for t in prefix] + [x], dim=1)
         # Under autocast timm's cat / add with the fp32 tokens and table promote the residual stream to fp32: keep that.
-        for t in (self.cls_token, self.reg_token, pos):
-            if t is not None and t.dtype != x.dtype:
-                x = x.to(torch.promote_types(x.dtype, t.dtype))
-        return self.pos_drop(x)
+        return self.pos_drop(promote(x, self.cls_token, self.reg_token, pos))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> tokens (B, prefix + H/p * W/p, embed_dim) after the blocks and ``norm``."""

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from fastvit import ops
+from fastvit.models._image import check_image, leading_tokens, promote
 from fastvit.models._pos_embed import posemb_sincos_2d
 from fastvit.nn import LayerNorm
 from fastvit.ops._checks import pair
@@ -118,16 +119,8 @@ class PatchEmbedding(nn.Sequential):
         super().__init__(ToPatches(*patch_size), LayerNorm(patch_dim), nn.Linear(patch_dim, dim), LayerNorm(dim))
         self.patch_size = patch_size
 
-    def num_patches(self, img: torch.Tensor) -> int:
-        if img.dim() != 4:
-            raise ValueError(f"img must be an image batch (B, C, H, W), got shape {tuple(img.shape)}")
-        (H, W), (p1, p2) = img.shape[-2:], self.patch_size
-        if H % p1 or W % p2:
-            raise ValueError(f"img's size {(H, W)} must be a multiple of patch_size {self.patch_size}")
-        return (H // p1) * (W // p2)
-
     def forward(self, img, pos_embed=None, cls_token=None):
-        self.num_patches(img)
+        img = check_image(img, "img", self.patch_size)
         _, pre, proj, post = self
         x = ops.patch_embed(
             img, proj.weight, proj.bias, self.patch_size, pos_embed, cls_token, patch_order="hwc",
@@ -135,7 +128,7 @@ class PatchEmbedding(nn.Sequential):
             post_norm=True, post_norm_weight=post.weight, post_norm_bias=post.bias, norm_eps=pre.eps,
         )
         # vit-pytorch's LayerNorm and fp32 table keep the tokens fp32 under autocast: so do we.
-        return x.to(torch.promote_types(x.dtype, img.dtype))
+        return promote(x, img)
 
 
 def _patch_embedding(image_size, patch_size, channels: int, dim: int):
@@ -176,13 +169,10 @@ class ViT(nn.Module):
 
     def forward_features(self, img: torch.Tensor) -> torch.Tensor:
         """img -> tokens (B, N (+1), dim) after ``transformer.norm``."""
-        seq = self.to_patch_embedding.num_patches(img) + self.cls_token.shape[0]
-        if seq > self.pos_embedding.shape[0]:
-            raise ValueError(
-                f"img has {seq} tokens but pos_embedding only {self.pos_embedding.shape[0]}: the image is larger than image_size"
-            )
-        cls = self.cls_token if self.cls_token.shape[0] else None
-        return self.transformer(self.dropout(self.to_patch_embedding(img, self.pos_embedding[:seq], cls)))
+        pos = leading_tokens(img, "img", self.patch_size, int(self.pool == "cls"), self.pos_embedding, exact=False,
+                             hint=": the image is larger than image_size")
+        cls = self.cls_token if self.pool == "cls" else None
+        return self.transformer(self.dropout(self.to_patch_embedding(img, pos, cls)))
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         x = self.forward_features(img)
@@ -214,10 +204,9 @@ class SimpleViT(nn.Module):
 
     def forward_features(self, img: torch.Tensor) -> torch.Tensor:
         """img -> tokens (B, N, dim) after ``transformer.norm``."""
-        n = self.to_patch_embedding.num_patches(img)
-        if n != self.pos_embedding.shape[0]:
-            raise ValueError(f"img has {n} patches but the model was built for {self.pos_embedding.shape[0]} (image_size)")
-        return self.transformer(self.to_patch_embedding(img, self.pos_embedding))
+        pos = leading_tokens(img, "img", self.patch_size, 0, self.pos_embedding, exact=True,
+                             hint=": the model was built for another image_size")
+        return self.transformer(self.to_patch_embedding(img, pos))
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         return self.linear_head(self.to_latent(self.forward_features(img).mean(dim=1)))

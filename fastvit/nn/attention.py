@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from fastvit import ops
+from fastvit.ops import _checks as check
 from fastvit._torchscript import not_scriptable
 
 
@@ -46,5 +47,6 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         p = self.attn_drop.p if self.training else 0.0
+        x = check.last_dim(x, self.qkv.in_features, "qkv.weight")
         o = ops.attention_qkvpacked(self.qkv(x), self.num_heads, mask=mask, scale=self.scale, dropout_p=p)
         return self.proj_drop(self.proj(o))

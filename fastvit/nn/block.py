@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from fastvit import ops
+from fastvit.ops import _checks as check
 from fastvit.nn.attention import Attention
 from fastvit.nn.mlp import LayerNorm, Mlp
 from fastvit._torchscript import not_scriptable
@@ -79,6 +80,7 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = check.last_dim(x, self.norm1.normalized_shape[0], "norm1.weight")
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), mask)))
         n, fc1, fc2 = self.norm2, self.mlp.fc1, self.mlp.fc2
         args = (n.weight, n.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, n.eps)

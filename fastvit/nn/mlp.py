@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from fastvit import ops
+from fastvit.ops import _checks as check
 from fastvit._torchscript import not_scriptable
 
 
@@ -64,6 +65,7 @@ class LayerNormMLP(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        x = check.last_dim(x, self.fc1.in_features, "norm.weight")
         return ops.layernorm_mlp(
             x, self.norm.weight, self.norm.bias, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
             eps=self.norm.eps, residual=residual, dropout_p=self.drop.p if self.training else 0.0,

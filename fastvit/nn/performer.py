@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from fastvit import ops
+from fastvit.ops import _checks as check
 from fastvit.nn.embed import SoftSplit
 from fastvit.nn.mlp import LayerNorm
 from fastvit._torchscript import not_scriptable
@@ -51,7 +52,7 @@ class TokenPerformer(nn.Module):
         them: the soft split and ``norm1`` then run as one op (``soft_split_layer_norm``), which
         never writes the un-normalised tokens."""
         if split is None:
-            x = self.norm1(x)
+            x = self.norm1(check.last_dim(x, self.norm1.normalized_shape[0], "norm1.weight"))
         else:
             n = self.norm1
             x = ops.soft_split_layer_norm(x, split.kernel_size, split.stride, split.padding, n.weight, n.bias, n.eps)

@@ -6,6 +6,8 @@ import numbers
 
 import torch
 
+from fastvit._fx import leaf
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -74,3 +76,14 @@ def pair(name: str, v, *, minimum: int) -> tuple[int, int]:
 def no_grad_required(name: str, t: torch.Tensor | None, why: str) -> None:
     if t is not None and t.requires_grad:
         raise ValueError(f"{name} must not require grad: {why}")
+
+
+@leaf
+def last_dim(x, size: int, owner: str):
+    """``x`` itself, after checking it is a tensor whose last dim is ``size``: a module's input check,
+    ``owner`` naming the parameter that sets the width (``"norm1.weight"``). An FX leaf, so a traced
+    module keeps it."""
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != size:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a tensor (..., {size}) to match {owner} ({size} features), got {shape}")
+    return x

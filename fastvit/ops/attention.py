@@ -10,6 +10,7 @@ import torch
 from fastvit import backend, reference
 from fastvit._autocast import autocast_dtype, autocast_off, cast
 from fastvit.kernels._common import device_ok, dtype_ok
+from fastvit._fx import leaf
 from fastvit.ops import _checks as check
 
 backend.register("attention", "eager", reference.attention)
@@ -67,6 +68,7 @@ def _check_mask_scale_dropout(mask, scale, dropout_p, target: tuple[int, int, in
     return check.probability("dropout_p", dropout_p)
 
 
+@leaf
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -104,6 +106,7 @@ def attention(
         return backend.dispatch("attention", q, k, v, mask, None if scale is None else float(scale), dropout_p)
 
 
+@leaf
 def attention_qkvpacked(
     qkv: torch.Tensor,
     num_heads: int,

@@ -6,6 +6,7 @@ import torch
 
 from fastvit import backend, reference
 from fastvit._autocast import autocast_dtype, autocast_off, cast
+from fastvit._fx import leaf
 from fastvit.ops import _checks as check
 
 backend.add_function("soft_split_layer_norm", "embed")
@@ -18,6 +19,7 @@ PATCH_ORDERS = ("chw", "hwc")
 MAX_ROW = 16384
 
 
+@leaf
 def patch_embed(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -122,6 +124,7 @@ def _split_args(x, kernel_size, stride, padding):
     return (kh, kw), (sh, sw), (pad_h, pad_w)
 
 
+@leaf
 def soft_split(
     x: torch.Tensor,
     kernel_size: int | tuple[int, int],
@@ -137,6 +140,7 @@ def soft_split(
     return backend.dispatch("soft_split", x, k, s, p)
 
 
+@leaf
 def soft_split_layer_norm(
     x: torch.Tensor,
     kernel_size: int | tuple[int, int],

@@ -7,6 +7,7 @@ import torch
 from fastvit import backend, reference
 from fastvit._autocast import autocast_dtype, autocast_off, cast
 from fastvit.kernels._common import device_ok, dtype_ok
+from fastvit._fx import leaf
 from fastvit.ops import _checks as check
 
 backend.register("layer_norm", "eager", reference.layer_norm)
@@ -140,6 +141,7 @@ def _check_norm_params(x: torch.Tensor, weight, bias, eps, wname: str, bname: st
     return check.positive_float("eps", eps)
 
 
+@leaf
 def layer_norm(
     x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, eps: float = 1e-5
 ) -> torch.Tensor:
@@ -155,6 +157,7 @@ def layer_norm(
     return backend.dispatch("layer_norm", x, weight, bias, eps)
 
 
+@leaf
 def layernorm_mlp(
     x: torch.Tensor,
     ln_weight: torch.Tensor | None,

@@ -7,6 +7,7 @@ import torch
 from fastvit import backend, reference
 from fastvit._autocast import autocast_dtype, autocast_off, cast
 from fastvit.kernels._common import device_ok, dtype_ok
+from fastvit._fx import leaf
 from fastvit.ops import _checks as check
 
 backend.register("performer_attention", "eager", reference.performer_attention)
@@ -46,6 +47,7 @@ def _triton_call(x, kqv_weight, kqv_bias, w, proj_weight, proj_bias, eps=1e-8, d
 backend.register("performer_attention", "triton", _triton_call, _triton_why_not)
 
 
+@leaf
 def performer_attention(
     x: torch.Tensor,
     kqv_weight: torch.Tensor,
