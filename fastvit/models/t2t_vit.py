@@ -137,6 +137,11 @@ class T2TViT(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's parameter grouping (layer-wise LR decay): the T2T module and tokens, then one group per block."""
+        return dict(stem=r"^cls_token|^pos_embed|^tokens_to_token", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """New head of ``num_classes`` outputs (0: identity); optionally another ``global_pool``."""
         if global_pool:

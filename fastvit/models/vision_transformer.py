@@ -169,6 +169,12 @@ class VisionTransformer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token", "reg_token"}
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's parameter grouping (layer-wise LR decay): the embedding, then one group per block."""
+        return dict(stem=r"^cls_token|^pos_embed|^reg_token|^patch_embed",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
     def get_classifier(self) -> nn.Module:
         return self.head
 

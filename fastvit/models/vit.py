@@ -167,6 +167,12 @@ class ViT(nn.Module):
         self.to_latent = nn.Identity()
         self.mlp_head = nn.Linear(dim, num_classes) if num_classes > 0 else None
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's parameter grouping (layer-wise LR decay): the embedding, then one group per layer."""
+        return dict(stem=r"^to_patch_embedding|^cls_token|^pos_embedding",
+                    blocks=[(r"^transformer\.layers\.(\d+)", None), (r"^transformer\.norm", (99999,))])
+
     def forward_features(self, img: torch.Tensor) -> torch.Tensor:
         """img -> tokens (B, N (+1), dim) after ``transformer.norm``."""
         pos = leading_tokens(img, "img", self.patch_size, int(self.pool == "cls"), self.pos_embedding, exact=False,
@@ -201,6 +207,12 @@ class SimpleViT(nn.Module):
         self.pool = "mean"
         self.to_latent = nn.Identity()
         self.linear_head = nn.Linear(dim, num_classes)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's parameter grouping (layer-wise LR decay): the embedding, then one group per layer."""
+        return dict(stem=r"^to_patch_embedding|^cls_token|^pos_embedding",
+                    blocks=[(r"^transformer\.layers\.(\d+)", None), (r"^transformer\.norm", (99999,))])
 
     def forward_features(self, img: torch.Tensor) -> torch.Tensor:
         """img -> tokens (B, N, dim) after ``transformer.norm``."""

@@ -1,0 +1,3 @@
+from fastvit.train import main
+
+raise SystemExit(main())
