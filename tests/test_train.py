@@ -143,6 +143,9 @@ def test_bad_checkpoints_and_arguments_get_clear_errors(tmp_path, capsys):
     assert "the run used 2 processes, this one has 1" in capsys.readouterr().err
     assert main(["--pretrained", str(tmp_path / "nope.pt"), "--output", str(tmp_path / "r2")]) == 2
     assert f"--pretrained {tmp_path / 'nope.pt'}" in capsys.readouterr().err
+    folder = make_tree(tmp_path / "two_classes")
+    assert main(["--eval-only", "--checkpoint", str(run / "best.pt"), "--data", str(folder), "--no-progress"]) == 2
+    assert f"--checkpoint {run / 'best.pt'}: its model has 10 classes but the data has 2" in capsys.readouterr().err
     assert main(["--batch-size", "0"]) == 2
     assert "--batch-size must be >= 1" in capsys.readouterr().err
     assert main(["--backend", "fast", "--output", str(tmp_path / "r3")]) == 2

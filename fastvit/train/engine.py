@@ -185,13 +185,16 @@ class Run:
         self.data = self._data()
         nc = cfg["num_classes"] or len(self.data.classes)
         if cfg["num_classes"] and cfg["num_classes"] != len(self.data.classes):
-            raise ConfigError(f"--num-classes {cfg['num_classes']}: the data has {len(self.data.classes)} classes")
+            source = (f"--checkpoint {cfg['checkpoint']}: its model has" if cfg["eval_only"] else
+                      f"--num-classes {cfg['num_classes']}: asks for")
+            raise ConfigError(f"{source} {cfg['num_classes']} classes but the data has {len(self.data.classes)}")
         cfg["num_classes"] = nc
         self.model = build_model(cfg, nc, self.data.in_chans)
         if cfg["pretrained"]:
             load_pretrained(self.model, cfg["pretrained"])
         self.model.to(d.device)
         self.raw = self.model
+        torch.manual_seed(cfg["seed"] + 1_000 * d.rank)  # one init on every rank; dropout differs per rank
         self._wrap()
         self._optimizer()
 
@@ -209,7 +212,7 @@ class Run:
         self.val_set = data_mod.MaskedPadding(data.val)
         self.val_order = data_mod.ShardedOrder(len(data.val), shuffle=False, seed=0, rank=self.d.rank,
                                                world_size=self.d.world, pad_past_end=True)
-        if len(self.train_order) < c["batch_size"]:
+        if len(self.train_order) < c["batch_size"] and not c["eval_only"]:
             raise ConfigError(f"--batch-size {c['batch_size']}: larger than this process's {len(self.train_order)} "
                               f"training images")
         return data
@@ -238,7 +241,7 @@ class Run:
             raise ConfigError(f"--layer-decay: {type(self.raw).__name__} has no group_matcher (timm's layer grouping)")
         self.optimizer = create_optimizer_v2(self.raw, opt=c["opt"], lr=c["lr"], weight_decay=c["weight_decay"],
                                              layer_decay=c["layer_decay"])
-        self.updates_per_epoch = len(self.train_order) // c["batch_size"] // c["grad_accum"]
+        self.updates_per_epoch = max(len(self.train_order) // c["batch_size"] // c["grad_accum"], int(c["eval_only"]))
         if self.updates_per_epoch == 0:
             raise ConfigError(f"--grad-accum {c['grad_accum']}: more micro-batches than an epoch has")
         if c["train_steps"]:
@@ -254,6 +257,8 @@ class Run:
 
             self.ema = ModelEmaV3(self.raw, decay=c["ema"])
         self.mixup = None
+        if (c["mixup"] or c["cutmix"]) and c["batch_size"] % 2:
+            raise ConfigError(f"--batch-size {c['batch_size']}: Mixup / CutMix pair samples, so it must be even")
         if c["mixup"] or c["cutmix"]:
             from timm.data import Mixup
 
