@@ -1,4 +1,4 @@
-"""Flash attention for ViT in Triton: non-causal, any N, head dims 32/64/80/96/128, masks, strided q/k/v.
+"""Flash attention for ViT in Triton: non-causal, any N, head dims 8-128 (multiples of 8), masks, strided q/k/v.
 
 softmax(q k^T * scale + mask) v as an online-softmax kernel that never writes the N x N matrix,
 forward and backward, for two layouts that share every kernel body (strides are arguments):
@@ -26,8 +26,9 @@ and batch on axes 1 and 2; batch/head offsets in int64):
   * two passes otherwise: ``_attn_bwd_dq`` (grid over query blocks: delta = rowsum(dO * O) inline,
     stored for the next pass, then dQ over all key blocks) and ``_attn_bwd_dkdv`` (grid over key
     blocks: dK, dV over all query blocks, reading lse and delta).
-- Head dims that are not powers of two (80, 96) use BLOCK_D = next power of two with the head dim
-  masked; sequence tails are masked on every load and store.
+- Head dims that are not powers of two (24, 48, 72, 80, 96, ...) use BLOCK_D = the next power of two
+  (at least 16, tl.dot's smallest K) with the head dim masked; sequence tails are masked on every
+  load and store.
 
 Bytes (bf16, ViT-B at N = 197): the forward reads q, k, v and writes o once (310 MB + lse), where eager
 also writes and re-reads S and P (4 x 238 MB) and timm pays permute copies around SDPA; the one-pass
@@ -361,6 +362,11 @@ def _pruner(kind: str):
 _KERNELS = {"fwd": _attn_fwd, "dq": _attn_bwd_dq, "dkdv": _attn_bwd_dkdv, "dkdv_fused": _attn_bwd_dkdv}
 
 
+def block_d(D: int) -> int:
+    """The head-dim tile: the next power of two, at least 16 (tl.dot's smallest K); the tail is masked."""
+    return max(16, triton.next_power_of_2(D))
+
+
 def _tile(n: int) -> int:
     return max(16, min(INTERPRETER_MAX_TILE, triton.next_power_of_2(n)))
 
@@ -372,7 +378,7 @@ def _fused_bwd(Nk: int, D: int, dtype: torch.dtype = torch.bfloat16) -> bool:
         return triton.next_power_of_2(Nk) <= INTERPRETER_MAX_TILE
     most = FUSED_BWD_MAX_TILE_FP32 if dtype == torch.float32 else FUSED_BWD_MAX_TILE
     keys = max(16, triton.next_power_of_2(Nk))
-    return keys <= FUSED_BWD_MAX_KEYS and keys * max(16, triton.next_power_of_2(D)) <= most
+    return keys <= FUSED_BWD_MAX_KEYS and keys * block_d(D) <= most
 
 
 def _launch(kind: str, Nq: int, Nk: int, dtype: torch.dtype, D: int = 64):
@@ -384,7 +390,7 @@ def _launch(kind: str, Nq: int, Nk: int, dtype: torch.dtype, D: int = 64):
         meta = {"BLOCK_M": _tile(Nq), "BLOCK_N": _tile(Nk)} if interpreting() else {"BLOCK_M": 64, "BLOCK_N": 64}
         meta.update({k: TILES[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages") if k in (TILES or {})})
         return _KERNELS[kind], {**meta, **fixed}
-    wide = kind == "dkdv_fused" and fixed["BLOCK_N"] * max(16, triton.next_power_of_2(D)) > _WIDE_FUSED
+    wide = kind == "dkdv_fused" and fixed["BLOCK_N"] * block_d(D) > _WIDE_FUSED
     tuned_key = (kind, dtype == torch.float32, wide)
     if tuned_key not in _tuned:  # built lazily: the interpreter has no driver to autotune with
         kernel = _KERNELS[kind]  # keyed on the lengths, the head dim and every flag (mask kind, ...) of the kernel
@@ -425,7 +431,7 @@ def _forward(q, k, v, o, o_strides, lse, mask, scale):
         *q.stride(), *k.stride(), *v.stride(), *o_strides, *ms,
         H, Nq, Nk, D, scale * LOG2E,
         STORE_LSE=lse is not None, **mask_flags,
-        INPUT_PRECISION=input_precision(q.dtype), BLOCK_D=triton.next_power_of_2(D), **meta,
+        INPUT_PRECISION=input_precision(q.dtype), BLOCK_D=block_d(D), **meta,
     )
 
 
@@ -442,7 +448,7 @@ def _backward(do, q, k, v, o, o_strides, lse, mask, scale, grads):
         return
     packed = dk is None
     mptr, ms, mask_flags = _mask_args(mask, B, H, Nq, Nk, q)
-    common = dict(**mask_flags, INPUT_PRECISION=input_precision(q.dtype), BLOCK_D=triton.next_power_of_2(D))
+    common = dict(**mask_flags, INPUT_PRECISION=input_precision(q.dtype), BLOCK_D=block_d(D))
     fused = _fused_bwd(Nk, D, q.dtype)
     delta = None  # the fused kernel computes delta inline
     if not fused:

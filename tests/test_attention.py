@@ -226,6 +226,19 @@ def test_triton_matches_reference(N, D, H, dtype):
     check_against_reference(fused_attention, reference.attention, triton_inputs(B, H, N, N, D, dtype), dtype)
 
 
+# every head dim that is a multiple of 8 is served: 8 (a 16-wide tile), 24, 48 (vit-pytorch configs),
+# 72 (SigLIP-so400m), 120; forward and backward, packed and unpacked, at N = 7 and 197
+@pytest.mark.parametrize("D, N, dtype", [(8, 7, F32), (24, 7, F16), (48, 7, F32), (72, 7, F16), (120, 7, F32),
+                                         (48, 197, F32)])
+def test_triton_takes_every_head_dim_multiple_of_8(D, N, dtype):
+    from fastvit.ops.attention import HEAD_DIMS
+
+    assert D in HEAD_DIMS
+    check_against_reference(fused_attention, reference.attention, triton_inputs(2, 2, N, N, D, dtype), dtype)
+    qkv = randn(2, N, 3 * 2 * D, dtype=dtype).requires_grad_()
+    check_against_reference(fused_qkvpacked, reference.attention_qkvpacked, {"qkv": qkv, "num_heads": 2}, dtype)
+
+
 @pytest.mark.parametrize(
     "N, mask_kind, dtype",
     [(7, kind, dt) for kind in ("keypad", "bool", "dead_row", "additive", "additive_inf") for dt in FLOATS]
@@ -378,24 +391,24 @@ def test_triton_dropout_uses_the_reference_with_torch_rng():
 
 
 def test_triton_unsupported_inputs_raise_explicitly_and_auto_falls_back(monkeypatch):
-    q88 = torch.randn(1, 2, 5, 88)
+    q84 = torch.randn(1, 2, 5, 84)  # not a multiple of 8
     q64 = torch.randn(1, 2, 5, 64)
     with fastvit.use_backend(TRITON):
-        with pytest.raises(BackendUnavailableError, match="cannot serve attention here: head dim 88"):
-            ops.attention(q88, q88, q88)
-        with pytest.raises(BackendUnavailableError, match="attention_qkvpacked here: head dim 88"):
-            ops.attention_qkvpacked(torch.randn(1, 5, 3 * 2 * 88), 2)
+        with pytest.raises(BackendUnavailableError, match="cannot serve attention here: head dim 84"):
+            ops.attention(q84, q84, q84)
+        with pytest.raises(BackendUnavailableError, match="attention_qkvpacked here: head dim 84"):
+            ops.attention_qkvpacked(torch.randn(1, 5, 3 * 2 * 84), 2)
         with pytest.raises(BackendUnavailableError, match="float64"):
             ops.attention(q64.double(), q64.double(), q64.double())
         with pytest.raises(BackendUnavailableError, match="float64"):
             ops.attention_qkvpacked(torch.randn(1, 5, 3 * 2 * 64, dtype=torch.float64), 2)
     monkeypatch.setattr(backend, "_auto_arch", lambda args, kwargs: 9)  # as for inputs on an sm_90 GPU
-    assert backend.select("attention", q88, q88, q88, None, None, 0.0).backend == "eager"
+    assert backend.select("attention", q84, q84, q84, None, None, 0.0).backend == "eager"
     assert backend.select("attention", q64.double(), q64, q64, None, None, 0.0).backend == "eager"
     assert backend.select("attention", q64, q64, q64, None, None, 0.0).backend == "triton"
-    assert backend.select("attention_qkvpacked", torch.randn(1, 5, 3 * 88), 1, None, None, 0.0).backend == "eager"
+    assert backend.select("attention_qkvpacked", torch.randn(1, 5, 3 * 84), 1, None, None, 0.0).backend == "eager"
     assert backend.select("attention_qkvpacked", torch.randn(1, 5, 3 * 2 * 80), 2, None, None, 0.0).backend == "triton"
-    torch.testing.assert_close(ops.attention(q88, q88, q88), reference.attention(q88, q88, q88))
+    torch.testing.assert_close(ops.attention(q84, q84, q84), reference.attention(q84, q84, q84))
 
 
 def test_triton_fake_tensors_and_make_fx_trace_forward_and_backward():
@@ -611,6 +624,9 @@ for dtype in (torch.bfloat16, torch.float16, torch.float32):
             for mask in masks:
                 run(D, N, dtype, mask)
         run(D, 197, dtype, expanded_grad=True)  # a stride-0 gradient, as from .sum()
+    for D in (8, 48, 72):  # BLOCK_D 16 (tl.dot's smallest K), 64 and 128 with the tail masked
+        run(D, 50, dtype)
+        run(D, 197, dtype)
     run(64, 3136, dtype)
 torch.backends.cuda.matmul.allow_tf32 = True  # fp32 through TF32 tensor cores
 for D in (32, 64, 128):
@@ -623,7 +639,7 @@ for D in (32, 64, 128):
 @sm90.OPT_IN
 def test_kernels_compile_for_sm90_without_a_gpu():
     """Every launch the real launchers make (attention and attention_qkvpacked, forward / inference /
-    one-pass and two-pass backward, masks; head dims 32-128 at N = 50, 197, 577 and 3136; bf16 / fp16 /
+    one-pass and two-pass backward, masks; head dims 8-128 at N = 50, 197, 577 and 3136; bf16 / fp16 /
     fp32 with and without TF32) compiled for sm_90 through Triton's whole pipeline, without a GPU."""
     sm90.check(SM90_DRIVER)
 

@@ -228,7 +228,8 @@ def test_left_alone_with_reasons():
     model.add_module("mlpnorm", small_vit(depth=1, scale_mlp_norm=True))
     model.add_module("swiglu", small_vit(depth=1, mlp_layer=timm.layers.SwiGLUPacked, act_layer="silu",
                                          mlp_ratio=2.0))
-    model.add_module("heads", small_vit(depth=1, num_heads=4))  # head dim 48: no fused kernel takes it
+    model.add_module("heads", small_vit(depth=1, num_heads=16))  # head dim 12: no fused kernel takes it
+    model.add_module("heads48", small_vit(depth=1, num_heads=4))  # head dim 48: fused (a multiple of 8)
     before = snapshot(model)
     report = fastvit.optimize(model)  # auto: the head-dim rule applies
     assert_same_state(model, before)
@@ -238,7 +239,8 @@ def test_left_alone_with_reasons():
     assert "Mlp.norm (scale_mlp_norm)" in reasons["mlpnorm.blocks.0"]
     assert "not timm's Mlp" in reasons["swiglu.blocks.0"]
     if fbackend.implementations("attention_qkvpacked")[0] != "eager":
-        assert "head dim 48" in reasons["heads.blocks.0.attn"]
+        assert "head dim 12" in reasons["heads.blocks.0.attn"]
+        assert isinstance(model.heads48.blocks[0].attn, swap.timm._TimmAttention)
     text = str(report)
     assert "left alone" in text and "QuickGELU" in text
     # the attention of the left-alone blocks is still swapped

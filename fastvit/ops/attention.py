@@ -16,14 +16,16 @@ from fastvit.ops import _checks as check
 backend.register("attention", "eager", reference.attention)
 backend.register("attention_qkvpacked", "eager", reference.attention_qkvpacked)
 
-HEAD_DIMS = (32, 64, 80, 96, 128)  # the Triton kernel's head dims (80, 96: BLOCK_D 128 with the tail masked)
+# the Triton kernel's head dims: every multiple of 8 up to 128 (a tile of the next power of two, at
+# least 16, with the tail masked: 48 in a 64-wide tile, SigLIP-so400m's 72 in a 128-wide one)
+HEAD_DIMS = tuple(range(8, 129, 8))
 
 
 def _triton_why_not(x: torch.Tensor, D: int) -> str | None:
     """Why the Triton kernel cannot serve inputs of x's device and dtype with head dim D (None: it can)."""
     reason = device_ok(x) or dtype_ok(x)
     if reason is None and D not in HEAD_DIMS:
-        reason = f"head dim {D} is not one the Triton attention kernel takes {HEAD_DIMS}"
+        reason = f"head dim {D} is not one the Triton attention kernel takes (a multiple of 8 up to 128)"
     return reason
 
 
@@ -86,7 +88,7 @@ def attention(
     q, k, v may be strided views (e.g. of a packed qkv projection).
 
     Backends: "triton" (fastvit.kernels.attention: flash attention, forward and backward, head dims
-    32, 64, 80, 96, 128, float16/bfloat16/float32) does not fuse dropout: with ``dropout_p > 0`` it
+    8, 16, ..., 128, float16/bfloat16/float32) does not fuse dropout: with ``dropout_p > 0`` it
     runs the eager reference (torch's RNG), so it stays usable in training. Other head dims and
     float64 run eager under "auto" and raise under an explicit "triton".
     """
