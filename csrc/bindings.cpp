@@ -290,17 +290,27 @@ std::vector<Tensor> mlp_forward(const Tensor& x, const OptTensor& ln_weight, con
   return {out, h, pre, act, mean, rstd};
 }
 
+// The ops share the Triton ops' schema, whose ``activation`` (0 erf GELU, 1 tanh GELU, 2 QuickGELU) this
+// backend serves only as 0; the Python front routes the others to Triton or eager.
+void check_activation(int64_t activation) {
+  TORCH_CHECK(activation == 0, "fastvit layernorm_mlp (cuda): the CUDA MLP computes exact erf GELU only (activation 0), "
+              "got activation ", activation);
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp_fwd(
     const Tensor& x, const OptTensor& ln_weight, const OptTensor& ln_bias, const Tensor& fc1_weight,
     const OptTensor& fc1_bias, const Tensor& fc2_weight, const OptTensor& fc2_bias, double eps,
-    const OptTensor& residual) {
+    const OptTensor& residual, int64_t activation) {
+  check_activation(activation);
   auto r = mlp_forward(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, true);
   return {r[0], r[1], r[2], r[3], r[4], r[5]};
 }
 
 Tensor layernorm_mlp_infer(const Tensor& x, const OptTensor& ln_weight, const OptTensor& ln_bias,
                            const Tensor& fc1_weight, const OptTensor& fc1_bias, const Tensor& fc2_weight,
-                           const OptTensor& fc2_bias, double eps, const OptTensor& residual) {
+                           const OptTensor& fc2_bias, double eps, const OptTensor& residual,
+                           int64_t activation) {
+  check_activation(activation);
   return mlp_forward(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, false)[0];
 }
 
@@ -330,7 +340,8 @@ Tensor saved(const char* name, const Tensor& t, at::IntArrayRef shape, at::Scala
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp_bwd(
     const Tensor& dy, const Tensor& x, const OptTensor& ln_weight, const OptTensor& ln_bias, const Tensor& fc1_weight,
     const OptTensor& fc1_bias, const Tensor& fc2_weight, const OptTensor& fc2_bias, const Tensor& h, const Tensor& pre,
-    const Tensor& act, const Tensor& mean, const Tensor& rstd) {
+    const Tensor& act, const Tensor& mean, const Tensor& rstd, int64_t activation) {
+  check_activation(activation);
   const char* op = "layernorm_mlp";
   const MlpShapes s = check_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, std::nullopt);
   check_cuda(op, "dy", dy, x);
@@ -392,12 +403,12 @@ TORCH_LIBRARY_FRAGMENT(fastvit, m) {
   m.def("layer_norm_cuda_infer(Tensor x, Tensor? weight, Tensor? bias, float eps, ScalarType out_dtype) -> Tensor");
   m.def("layer_norm_cuda_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)");
   m.def("layernorm_mlp_cuda_fwd(Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor fc1_weight, Tensor? fc1_bias, "
-        "Tensor fc2_weight, Tensor? fc2_bias, float eps, Tensor? residual) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor fc2_weight, Tensor? fc2_bias, float eps, Tensor? residual, int activation=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("layernorm_mlp_cuda_infer(Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor fc1_weight, Tensor? fc1_bias, "
-        "Tensor fc2_weight, Tensor? fc2_bias, float eps, Tensor? residual) -> Tensor");
+        "Tensor fc2_weight, Tensor? fc2_bias, float eps, Tensor? residual, int activation=0) -> Tensor");
   m.def("layernorm_mlp_cuda_bwd(Tensor dy, Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor fc1_weight, "
         "Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, Tensor h, Tensor pre, Tensor act, Tensor mean, "
-        "Tensor rstd) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor rstd, int activation=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastvit, CUDA, m) {

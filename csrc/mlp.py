@@ -75,7 +75,8 @@ def _mlp_outputs(x, fc1_weight, fc2_weight, residual):
 
 
 @torch.library.register_fake(op_name("layernorm_mlp", "cuda", "fwd"))
-def _layernorm_mlp_fwd_fake(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual):
+def _layernorm_mlp_fwd_fake(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual,
+                            activation=0):
     out, M, C, H, gd = _mlp_outputs(x, fc1_weight, fc2_weight, residual)
     stats = x.new_empty((M,), dtype=torch.float32)
     return (out, x.new_empty((M, C), dtype=gd), x.new_empty((M, H), dtype=gd), x.new_empty((M, H), dtype=gd),
@@ -83,23 +84,24 @@ def _layernorm_mlp_fwd_fake(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_wei
 
 
 @torch.library.register_fake(op_name("layernorm_mlp", "cuda", "infer"))
-def _layernorm_mlp_infer_fake(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual):
+def _layernorm_mlp_infer_fake(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual,
+                              activation=0):
     return _mlp_outputs(x, fc1_weight, fc2_weight, residual)[0]
 
 
 @torch.library.register_fake(op_name("layernorm_mlp", "cuda", "bwd"))
 def _layernorm_mlp_bwd_fake(dy, x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, h, pre, act, mean,
-                            rstd):
+                            rstd, activation=0):
     return (x.new_empty(x.shape), _grad_like(ln_weight, x), _grad_like(ln_bias, x), fc1_weight.new_empty(fc1_weight.shape),
             _grad_like(fc1_bias, x), fc2_weight.new_empty(fc2_weight.shape), _grad_like(fc2_bias, x))
 
 
 def _layernorm_mlp_backward(saved, grads):
-    x, ln_w, ln_b, w1, b1, w2, b2, eps, residual = saved.inputs
+    x, ln_w, ln_b, w1, b1, w2, b2, eps, residual, activation = saved.inputs
     _, h, pre, act, mean, rstd = saved.outputs
     dy = grads[0]
     dx, dlnw, dlnb, dw1, db1, dw2, db2 = get_op("layernorm_mlp", "cuda", "bwd")(
-        dy, x, ln_w, ln_b, w1, b1, w2, b2, h, pre, act, mean, rstd
+        dy, x, ln_w, ln_b, w1, b1, w2, b2, h, pre, act, mean, rstd, activation
     )
 
     def opt(g, p):
@@ -107,7 +109,7 @@ def _layernorm_mlp_backward(saved, grads):
 
     # d(residual) = d(out): autograd takes the incoming gradient as it is (stride 0 included).
     return (dx, opt(dlnw, ln_w), opt(dlnb, ln_b), dw1, opt(db1, b1), dw2, opt(db2, b2), None,
-            dy if residual is not None else None)
+            dy if residual is not None else None, None)
 
 
 wire_autograd("layernorm_mlp", "cuda", num_outputs=1, backward=_layernorm_mlp_backward)
@@ -116,4 +118,4 @@ _layernorm_mlp = FusedOp("layernorm_mlp", "cuda", num_outputs=1)
 
 def layernorm_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps: float, residual=None):
     """fc2(GELU(fc1(LN(x)))) (+ residual) in CUDA, no dropout. x: (..., C) -> (..., C_out)."""
-    return _layernorm_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, float(eps), residual)
+    return _layernorm_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, float(eps), residual, 0)

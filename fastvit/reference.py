@@ -183,12 +183,29 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
         return y.to(out_dtype)
 
 
-def layernorm_mlp(
-    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=1e-6, residual=None, dropout_p=0.0
-):
-    """``fc2(drop(gelu(fc1(layer_norm(x)))))``, then ``drop``, plus ``residual``. x: (..., C) -> (..., C_out).
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
 
-    fc1_weight: (hidden, C), fc2_weight: (C_out, hidden); exact (erf) GELU. The LayerNorm output is
+
+def apply_activation(h: torch.Tensor, name: str) -> torch.Tensor:
+    """The MLP activation: "gelu" exact erf GELU, "gelu_tanh" its tanh approximation (SigLIP),
+    "quick_gelu" ``h * sigmoid(1.702 h)`` (CLIP)."""
+    if name == "gelu":
+        return F.gelu(h)
+    if name == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
+    if name == "quick_gelu":
+        return h * torch.sigmoid(1.702 * h)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+
+
+def layernorm_mlp(
+    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=1e-6, residual=None, dropout_p=0.0,
+    activation="gelu",
+):
+    """``fc2(drop(act(fc1(layer_norm(x)))))``, then ``drop``, plus ``residual``. x: (..., C) -> (..., C_out).
+
+    fc1_weight: (hidden, C), fc2_weight: (C_out, hidden); ``act`` by :func:`apply_activation` (default
+    exact erf GELU). The LayerNorm output is
     written in the GEMM dtype (the autocast dtype, else fc1_weight's); the result is in the GEMM
     dtype, or residual's dtype when a residual (shape of the result) is given.
     """
@@ -198,7 +215,7 @@ def layernorm_mlp(
     with autocast_off(x):
         gemm_dtype = fc1_weight.dtype
         h = layer_norm(x, ln_weight, ln_bias, eps).to(gemm_dtype)
-        h = F.gelu(F.linear(h, fc1_weight, None if fc1_bias is None else fc1_bias.to(gemm_dtype)))
+        h = apply_activation(F.linear(h, fc1_weight, None if fc1_bias is None else fc1_bias.to(gemm_dtype)), activation)
         if dropout_p > 0:
             h = F.dropout(h, dropout_p, training=True)
         y = F.linear(h, fc2_weight, None if fc2_bias is None else fc2_bias.to(gemm_dtype))

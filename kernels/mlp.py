@@ -14,9 +14,10 @@ Kernels
 - ``_mm_kernel``: one tiled GEMM ``C[m, n] = sum_k A[m, k] B[n, k]`` on any strides (so X @ W^T,
   dY @ W and dY^T @ X are the same kernel), fp32 accumulation, grouped tile order, optional split-K
   into an fp32 partial buffer, and constexpr epilogues:
-  1 = + bias, exact erf GELU (optionally also storing the pre-activation),
+  1 = + bias, then the activation (ACT: exact erf GELU, tanh GELU or QuickGELU; optionally also
+  storing the pre-activation),
   2 = + bias (+ residual, read on its own strides, stored in the output dtype),
-  3 = * GELU'(pre-activation) (dGELU), with the column sums of the result (fc1's bias gradient) and,
+  3 = * act'(pre-activation) (dGELU and its variants), with the column sums of the result (fc1's bias gradient) and,
       in the pid_n == 0 programs after the main loop, the column sums of A (fc2's bias gradient),
       both into per-row-block fp32 partial buffers.
 
@@ -60,6 +61,9 @@ from fastvit.kernels._common import autotune_configs, bucket, input_precision, i
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+# the ``activation`` names of fastvit.ops.layernorm_mlp -> the kernels' ACT code
+ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "quick_gelu": 2}
 
 
 @triton.jit
@@ -138,8 +142,37 @@ def _ln_bwd_kernel(
 
 
 @triton.jit
-def _gelu(x):
-    return 0.5 * x * (1.0 + tl.math.erf(x * _SQRT1_2))
+def _act(x, ACT: tl.constexpr):
+    """ACT 0: exact erf GELU, 1: tanh-approximated GELU, 2: QuickGELU x * sigmoid(1.702 x)."""
+    if ACT == 0:
+        return 0.5 * x * (1.0 + tl.math.erf(x * _SQRT1_2))
+    elif ACT == 1:
+        u = _SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
+        return 0.5 * x * (1.0 + _tanh(u))
+    else:
+        return x * tl.sigmoid(1.702 * x)
+
+
+@triton.jit
+def _dact(x, ACT: tl.constexpr):
+    """The derivative of _act at x."""
+    if ACT == 0:
+        cdf = 0.5 * (1.0 + tl.math.erf(x * _SQRT1_2))
+        pdf = tl.exp(-0.5 * x * x) * _INV_SQRT_2PI
+        return cdf + x * pdf
+    elif ACT == 1:
+        u = _SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
+        t = _tanh(u)
+        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
+    else:
+        sg = tl.sigmoid(1.702 * x)
+        return sg + 1.702 * x * sg * (1.0 - sg)
+
+
+@triton.jit
+def _tanh(u):
+    # tanh(u) = 2 sigmoid(2u) - 1: stable for large |u| (sigmoid saturates to 0 or 1)
+    return 2.0 * tl.sigmoid(2.0 * u) - 1.0
 
 
 @triton.jit
@@ -147,7 +180,7 @@ def _mm_epilogue(
     out, offs_m64, mmask, offs_n, split, pid_m, N, Cp, BIAS, AUX, RES, PSUM_OUT,
     stride_cs, stride_cm, stride_cn, stride_xm, stride_xn, stride_rm, stride_rn,
     EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_AUX: tl.constexpr, HAS_RES: tl.constexpr,
-    COLSUM_OUT: tl.constexpr,
+    COLSUM_OUT: tl.constexpr, ACT: tl.constexpr,
 ):
     """The GEMM epilogue on the accumulator columns offs_n (see _mm_kernel)."""
     nmask = offs_n < N
@@ -160,7 +193,7 @@ def _mm_epilogue(
         if STORE_AUX:
             tl.store(AUX + offs_m64[:, None] * stride_xm + offs_n64[None, :] * stride_xn,
                      out.to(AUX.dtype.element_ty), mask=cmask)
-        out = _gelu(out)
+        out = _act(out, ACT)
     if EPILOGUE == 2:
         if HAS_RES:
             res = tl.load(RES + offs_m64[:, None] * stride_rm + offs_n64[None, :] * stride_rn, mask=cmask, other=0.0)
@@ -168,9 +201,7 @@ def _mm_epilogue(
     if EPILOGUE == 3:
         pre = tl.load(AUX + offs_m64[:, None] * stride_xm + offs_n64[None, :] * stride_xn, mask=cmask, other=0.0)
         pre = pre.to(tl.float32)
-        cdf = 0.5 * (1.0 + tl.math.erf(pre * _SQRT1_2))
-        pdf = tl.exp(-0.5 * pre * pre) * _INV_SQRT_2PI
-        out = out * (cdf + pre * pdf)
+        out = out * _dact(pre, ACT)
     tl.store(Cp + split * stride_cs + offs_m64[:, None] * stride_cm + offs_n64[None, :] * stride_cn,
              out.to(Cp.dtype.element_ty), mask=cmask)
     if COLSUM_OUT:
@@ -186,15 +217,15 @@ def _mm_kernel(
     stride_cs, stride_cm, stride_cn,
     stride_xm, stride_xn, stride_rm, stride_rn,
     EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_AUX: tl.constexpr, HAS_RES: tl.constexpr,
-    COLSUM_OUT: tl.constexpr, COLSUM_A: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    COLSUM_OUT: tl.constexpr, COLSUM_A: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EPILOGUE_SUBTILE: tl.constexpr,
 ):
     """C[m, n] = epilogue(sum_k A[m, k] * B[n, k]) for k in this program's split (program_id(1)).
 
     A is cast to B's dtype for tl.dot (B is always in the GEMM dtype); the accumulator is fp32.
-    EPILOGUE: 0 plain, 1 bias + GELU (pre-activation to AUX if STORE_AUX), 2 bias (+ RES),
-    3 times GELU'(AUX). COLSUM_OUT: column sums of the epilogue's result to PSUM_OUT[pid_m, :];
+    EPILOGUE: 0 plain, 1 bias + activation ACT (pre-activation to AUX if STORE_AUX), 2 bias (+ RES),
+    3 times ACT'(AUX). COLSUM_OUT: column sums of the epilogue's result to PSUM_OUT[pid_m, :];
     COLSUM_A: column sums of A's rows (pid_n == 0 programs) to PSUM_A[pid_m, :]. M_BUCKET and K_BUCKET
     (M's and K's power-of-two buckets) are autotuning keys only.
     """
@@ -242,14 +273,14 @@ def _mm_kernel(
         offs_n0 = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
         _mm_epilogue(acc0, offs_m64, mmask, offs_n0, split, pid_m, N, Cp, BIAS, AUX, RES, PSUM_OUT,
                      stride_cs, stride_cm, stride_cn, stride_xm, stride_xn, stride_rm, stride_rn,
-                     EPILOGUE, HAS_BIAS, STORE_AUX, HAS_RES, COLSUM_OUT)
+                     EPILOGUE, HAS_BIAS, STORE_AUX, HAS_RES, COLSUM_OUT, ACT)
         _mm_epilogue(acc1, offs_m64, mmask, offs_n0 + BLOCK_N // 2, split, pid_m, N, Cp, BIAS, AUX, RES, PSUM_OUT,
                      stride_cs, stride_cm, stride_cn, stride_xm, stride_xn, stride_rm, stride_rn,
-                     EPILOGUE, HAS_BIAS, STORE_AUX, HAS_RES, COLSUM_OUT)
+                     EPILOGUE, HAS_BIAS, STORE_AUX, HAS_RES, COLSUM_OUT, ACT)
     else:
         _mm_epilogue(acc, offs_m64, mmask, offs_n, split, pid_m, N, Cp, BIAS, AUX, RES, PSUM_OUT,
                      stride_cs, stride_cm, stride_cn, stride_xm, stride_xn, stride_rm, stride_rn,
-                     EPILOGUE, HAS_BIAS, STORE_AUX, HAS_RES, COLSUM_OUT)
+                     EPILOGUE, HAS_BIAS, STORE_AUX, HAS_RES, COLSUM_OUT, ACT)
     if COLSUM_A:
         # After the main loop (which stays free of it): the pid_n == 0 programs re-read their A
         # rows, mostly from L2, and store their column sums.
@@ -311,7 +342,7 @@ def _mm_configs(fixed_block_m: int | None, fp32: bool):
 # Rows (M, and K = rows for the weight gradients) follow the batch: bucketed, so a new batch size does not
 # re-tune. Every flag that changes the compiled kernel is part of the key.
 _KEY = ["M_BUCKET", "N", "K_BUCKET", "EPILOGUE", "HAS_BIAS", "STORE_AUX", "HAS_RES", "COLSUM_OUT", "COLSUM_A",
-        "INPUT_PRECISION", "EPILOGUE_SUBTILE"]
+        "INPUT_PRECISION", "ACT", "EPILOGUE_SUBTILE"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -326,7 +357,7 @@ def _pow2(n: int, lo: int, hi: int) -> int:
 
 def _mm(
     a, a_strides, b, b_strides, c, c_strides, M, N, K, *, epilogue=0, bias=None, aux=None, aux_strides=(0, 0),
-    res=None, res_strides=(0, 0), store_aux=False, psum_out=None, psum_a=None, split=1,
+    res=None, res_strides=(0, 0), store_aux=False, psum_out=None, psum_a=None, split=1, act=0,
 ):
     """Launch _mm_kernel. c_strides = (split, m, n); a, b strides = (m, k), (n, k)."""
     dummy = c
@@ -340,6 +371,7 @@ def _mm(
     flags = dict(
         EPILOGUE=epilogue, HAS_BIAS=bias is not None, STORE_AUX=store_aux, HAS_RES=res is not None,
         COLSUM_OUT=psum_out is not None, COLSUM_A=psum_a is not None, INPUT_PRECISION=input_precision(b.dtype),
+        ACT=act,
     )
     if interpreting():
         bm, bn, bk = INTERPRET_OVERRIDES.get("mm") or (_pow2(M, 16, 512), _pow2(N, 16, 256), _pow2(K, 16, 256))
@@ -535,7 +567,7 @@ def layer_norm(x, weight, bias, eps: float, out_dtype: torch.dtype) -> torch.Ten
 # ---------------------------------------------------------------------------------------------
 
 
-def _mlp_forward(x, ln_w, ln_b, w1, b1, w2, b2, eps, residual, training):
+def _mlp_forward(x, ln_w, ln_b, w1, b1, w2, b2, eps, residual, training, act_code):
     C, H, C_out = x.shape[-1], w1.shape[0], w2.shape[0]
     gd = w1.dtype
     x2 = _rows(x)
@@ -551,7 +583,7 @@ def _mlp_forward(x, ln_w, ln_b, w1, b1, w2, b2, eps, residual, training):
     if M > 0:
         _ln_forward(x2, ln_w, ln_b, eps, h, mean, rstd)
         _mm(h, (h.stride(0), h.stride(1)), w1, (w1.stride(0), w1.stride(1)), act, (0, act.stride(0), act.stride(1)),
-            M, H, C, epilogue=1, bias=b1, aux=pre, aux_strides=(H, 1), store_aux=training)
+            M, H, C, epilogue=1, bias=b1, aux=pre, aux_strides=(H, 1), store_aux=training, act=act_code)
         out2 = out.view(M, C_out)
         res2 = _rows(residual) if residual is not None else None
         _mm(act, (act.stride(0), act.stride(1)), w2, (w2.stride(0), w2.stride(1)), out2,
@@ -564,23 +596,25 @@ def _mlp_forward(x, ln_w, ln_b, w1, b1, w2, b2, eps, residual, training):
 def _layernorm_mlp_fwd(
     x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None,
     fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None, fc2_weight: torch.Tensor, fc2_bias: torch.Tensor | None,
-    eps: float, residual: torch.Tensor | None,
+    eps: float, residual: torch.Tensor | None, activation: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, h = LN(x) (M, C), pre-activation (M, H), act = GELU(pre) (M, H), mean, rstd (M,) fp32).
+    """(out, h = LN(x) (M, C), pre-activation (M, H), act(pre) (M, H), mean, rstd (M,) fp32); ``activation``
+    is an ACT_CODES value.
 
     h, pre and act are in the GEMM dtype (fc1_weight's); out in residual's dtype, else the GEMM dtype.
     """
-    return _mlp_forward(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, True)
+    return _mlp_forward(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, True, activation)
 
 
 @torch.library.triton_op(op_name("layernorm_mlp", "triton", "infer"), mutates_args=())
 def _layernorm_mlp_infer(
     x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None,
     fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None, fc2_weight: torch.Tensor, fc2_bias: torch.Tensor | None,
-    eps: float, residual: torch.Tensor | None,
+    eps: float, residual: torch.Tensor | None, activation: int = 0,
 ) -> torch.Tensor:
-    """fc2(GELU(fc1(LN(x)))) (+ residual), saving nothing."""
-    return _mlp_forward(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, False)[0]
+    """fc2(act(fc1(LN(x)))) (+ residual), saving nothing."""
+    return _mlp_forward(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, False,
+                        activation)[0]
 
 
 def _param_grad(part: torch.Tensor, p: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor:
@@ -607,6 +641,7 @@ def _layernorm_mlp_bwd(
     dy: torch.Tensor, x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None,
     fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None, fc2_weight: torch.Tensor, fc2_bias: torch.Tensor | None,
     h: torch.Tensor, pre: torch.Tensor, act: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+    activation: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, d ln_weight, d ln_bias, d fc1_weight, d fc1_bias, d fc2_weight, d fc2_bias), each in its input's
     dtype; absent parameters get (0,)-shaped placeholders. dy: (..., C_out), any strides (stride 0 too)."""
@@ -618,7 +653,7 @@ def _layernorm_mlp_bwd(
     M = dy2.shape[0]
     sdy = (dy2.stride(0), dy2.stride(1))
 
-    # dA = (dY W2) * GELU'(pre), with db1 (column sums of dA) and db2 (column sums of dY) per row block.
+    # dA = (dY W2) * act'(pre), with db1 (column sums of dA) and db2 (column sums of dY) per row block.
     dA = new_output((M, H), dtype=gd, device=dev)
     bm = _psum_block_m(M)
     nblk = max(1, triton.cdiv(M, bm))
@@ -626,7 +661,8 @@ def _layernorm_mlp_bwd(
     p_db2 = torch.zeros((nblk, C_out), dtype=torch.float32, device=dev)
     if M > 0:
         _mm(dy2, sdy, w2, (w2.stride(1), w2.stride(0)), dA, (0, dA.stride(0), dA.stride(1)), M, H, C_out,
-            epilogue=3, aux=pre, aux_strides=(pre.stride(0), pre.stride(1)), psum_out=p_db1, psum_a=p_db2)
+            epilogue=3, aux=pre, aux_strides=(pre.stride(0), pre.stride(1)), psum_out=p_db1, psum_a=p_db2,
+            act=activation)
     # dW2 = dY^T act, dW1 = dA^T h (K = rows).
     dw2 = _wgrad(dy2, (sdy[1], sdy[0]), act, (act.stride(1), act.stride(0)), C_out, H, M, w2)
     dw1 = _wgrad(dA, (dA.stride(1), dA.stride(0)), h, (h.stride(1), h.stride(0)), H, C, M, w1)
@@ -646,11 +682,11 @@ def _layernorm_mlp_bwd(
 
 
 def _layernorm_mlp_backward(saved, grads):
-    x, ln_w, ln_b, w1, b1, w2, b2, eps, residual = saved.inputs
+    x, ln_w, ln_b, w1, b1, w2, b2, eps, residual, activation = saved.inputs
     _, h, pre, act, mean, rstd = saved.outputs
     dy = grads[0]
     dx, dlnw, dlnb, dw1, db1, dw2, db2 = get_op("layernorm_mlp", "triton", "bwd")(
-        dy, x, ln_w, ln_b, w1, b1, w2, b2, h, pre, act, mean, rstd
+        dy, x, ln_w, ln_b, w1, b1, w2, b2, h, pre, act, mean, rstd, activation
     )
 
     def opt(g, p):
@@ -658,13 +694,16 @@ def _layernorm_mlp_backward(saved, grads):
 
     # d(residual) = d(out): autograd takes the incoming gradient as it is (stride 0 included).
     return (dx, opt(dlnw, ln_w), opt(dlnb, ln_b), dw1, opt(db1, b1), dw2, opt(db2, b2), None,
-            dy if residual is not None else None)
+            dy if residual is not None else None, None)
 
 
 wire_autograd("layernorm_mlp", "triton", num_outputs=1, backward=_layernorm_mlp_backward)
 _layernorm_mlp = FusedOp("layernorm_mlp", "triton", num_outputs=1)
 
 
-def layernorm_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps: float, residual=None):
-    """fc2(GELU(fc1(LN(x)))) (+ residual) in Triton, no dropout. x: (..., C) -> (..., C_out)."""
-    return _layernorm_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, float(eps), residual)
+def layernorm_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps: float, residual=None,
+                  activation: str = "gelu"):
+    """fc2(act(fc1(LN(x)))) (+ residual) in Triton, no dropout; ``activation`` one of ACT_CODES.
+    x: (..., C) -> (..., C_out)."""
+    return _layernorm_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, float(eps), residual,
+                          ACT_CODES[activation])

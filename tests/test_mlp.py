@@ -292,6 +292,32 @@ def test_triton_layernorm_mlp(lead, C, hidden, C_out, dtype, residual, offset, o
     check(on_triton(ops.layernorm_mlp), reference.layernorm_mlp, inputs, dtype)
 
 
+# SigLIP's tanh GELU and CLIP's QuickGELU: the fused epilogues (forward) and derivative epilogues (backward)
+@pytest.mark.parametrize("activation", ["gelu_tanh", "quick_gelu"])
+@pytest.mark.parametrize("lead, C, hidden, dtype, residual", [
+    ((2, 7), 64, 256, torch.float32, True), ((1, 197), 96, 384, torch.float16, False),
+    pytest.param((2, 197), 384, 1536, torch.bfloat16, True, marks=pytest.mark.gpu),
+])
+def test_triton_layernorm_mlp_activations(activation, lead, C, hidden, dtype, residual):
+    inputs = {**mlp_inputs(lead, C, hidden, dtype=dtype, residual=residual), "activation": activation}
+    check(on_triton(ops.layernorm_mlp), reference.layernorm_mlp, inputs, dtype)
+
+
+def test_activation_is_checked_and_cuda_refuses_the_variants():
+    from fastvit.ops import mlp as mlp_ops
+
+    inputs = mlp_inputs((2, 3), 16, 32, residual=False)
+    with pytest.raises(ValueError, match=r"activation must be one of \('gelu', 'gelu_tanh', 'quick_gelu'\), got 'silu'"):
+        ops.layernorm_mlp(**inputs, activation="silu")
+    why = mlp_ops._cuda_layernorm_mlp_why_not(*[inputs[k] for k in list(inputs)[:7]], 1e-6, None, 0.0, "quick_gelu")
+    assert why and "exact erf GELU only" in why
+    # eager under "auto" means the reference formula
+    for act, fn in (("gelu_tanh", lambda h: torch.nn.functional.gelu(h, approximate="tanh")),
+                    ("quick_gelu", lambda h: h * torch.sigmoid(1.702 * h))):
+        h = torch.randn(5, 7)
+        torch.testing.assert_close(reference.apply_activation(h, act), fn(h))
+
+
 def test_triton_layernorm_mlp_noncontiguous_expanded_grad_no_biases():
     inputs = mlp_inputs((2, 23), 96, 384, dtype=torch.float32, biases=False, ln_affine=False)
     inputs["x"] = noncontiguous(inputs["x"].detach()).requires_grad_()
@@ -567,6 +593,10 @@ for gemm_dtype, act_dtype, tf32 in ((torch.bfloat16, torch.float32, False), (tor
     K._layernorm_mlp_bwd(torch.randn(B, N, C).expand(B, N, C), x, *ps, *out[1:])
     K._layer_norm_fwd(x, ps[0], ps[1], 1e-5, gemm_dtype)
     K._layer_norm_bwd(torch.randn(B, N, C, dtype=gemm_dtype), x, ps[0], None, out[4], out[5])
+    if gemm_dtype == torch.bfloat16:  # tanh GELU and QuickGELU epilogues (forward and derivative)
+        for act in (1, 2):
+            out = K._layernorm_mlp_fwd(x, *ps, 1e-6, res, act)
+            K._layernorm_mlp_bwd(torch.randn(B, N, C).expand(B, N, C), x, *ps, *out[1:], act)
 """
 
 

@@ -221,10 +221,23 @@ def test_fastvit_t2t_convenience_model_is_native():
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("act_layer, activation", [("gelu_tanh", "gelu_tanh"), ("quick_gelu", "quick_gelu")])
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_gelu_variants_are_fused(act_layer, activation, backend):
+    """SigLIP's tanh GELU and CLIP's QuickGELU: the Block's MLP half is one layernorm_mlp call with that
+    activation, and the model computes what timm's does."""
+    model = small_vit(depth=1, act_layer=act_layer)
+    report = check_optimized(model, image(), backend=backend, name=act_layer)
+    assert kinds(report)["timm Block"] == 1 and not report.left_alone
+    assert model.blocks[0]._fastvit_activation == activation
+    model.blocks[0].mlp.act = nn.GELU()  # surgery after optimize: the original forward runs
+    assert not model.blocks[0]._fv_intact()
+
+
 def test_left_alone_with_reasons():
     model = nn.Sequential()
     model.add_module("tanh", small_vit(depth=1, act_layer="gelu_tanh"))
-    model.add_module("quick", small_vit(depth=1, act_layer="quick_gelu"))
+    model.add_module("silu", small_vit(depth=1, act_layer="silu"))
     model.add_module("mlpnorm", small_vit(depth=1, scale_mlp_norm=True))
     model.add_module("swiglu", small_vit(depth=1, mlp_layer=timm.layers.SwiGLUPacked, act_layer="silu",
                                          mlp_ratio=2.0))
@@ -234,18 +247,18 @@ def test_left_alone_with_reasons():
     report = fastvit.optimize(model)  # auto: the head-dim rule applies
     assert_same_state(model, before)
     reasons = {e.name: e.detail for e in report.left_alone}
-    assert "tanh-approximated GELU" in reasons["tanh.blocks.0"]
-    assert "QuickGELU" in reasons["quick.blocks.0"]
+    assert "tanh.blocks.0" not in reasons  # tanh GELU is fused
+    assert "activation SiLU" in reasons["silu.blocks.0"]
     assert "Mlp.norm (scale_mlp_norm)" in reasons["mlpnorm.blocks.0"]
     assert "not timm's Mlp" in reasons["swiglu.blocks.0"]
     if fbackend.implementations("attention_qkvpacked")[0] != "eager":
         assert "head dim 12" in reasons["heads.blocks.0.attn"]
         assert isinstance(model.heads48.blocks[0].attn, swap.timm._TimmAttention)
     text = str(report)
-    assert "left alone" in text and "QuickGELU" in text
+    assert "left alone" in text and "SiLU" in text
     # the attention of the left-alone blocks is still swapped
-    assert isinstance(model.tanh.blocks[0].attn, swap.timm._TimmAttention)
-    assert not isinstance(model.tanh.blocks[0], swap.core._Swapped)
+    assert isinstance(model.silu.blocks[0].attn, swap.timm._TimmAttention)
+    assert not isinstance(model.silu.blocks[0], swap.core._Swapped)
 
 
 def test_flags_leave_families_alone():

@@ -42,7 +42,8 @@ def _triton_layer_norm(x, weight, bias, eps):
     return kernels.layer_norm(x, weight, bias, eps, autocast_dtype(x) or x.dtype)
 
 
-def _triton_layernorm_mlp_why_not(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, dropout_p):
+def _triton_layernorm_mlp_why_not(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, dropout_p,
+                                  activation="gelu"):
     tensors = {
         "x": x, "ln_weight": ln_weight, "ln_bias": ln_bias, "fc1_weight": fc1_weight, "fc1_bias": fc1_bias,
         "fc2_weight": fc2_weight, "fc2_bias": fc2_bias, "residual": residual,
@@ -51,17 +52,19 @@ def _triton_layernorm_mlp_why_not(x, ln_weight, ln_bias, fc1_weight, fc1_bias, f
     return _triton_reason(tensors, C, (C, hidden, C_out))
 
 
-def _triton_layernorm_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, dropout_p):
+def _triton_layernorm_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, dropout_p,
+                          activation="gelu"):
     """Triton LayerNorm-MLP. Dropout is not fused: with dropout_p > 0 this calls the eager reference
     (same meaning, torch's RNG, reproducible under torch.manual_seed); dropout_p == 0 (eval, or no
     dropout) always runs the fused kernels."""
     if dropout_p > 0:
         return reference.layernorm_mlp(
-            x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, dropout_p
+            x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, dropout_p, activation
         )
     from fastvit.kernels import mlp as kernels
 
-    return kernels.layernorm_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual)
+    return kernels.layernorm_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual,
+                                 activation)
 
 
 backend.register("layer_norm", "triton", _triton_layer_norm, _triton_layer_norm_why_not)
@@ -95,7 +98,10 @@ def _cuda_layer_norm(x, weight, bias, eps):
     return cuda.layer_norm(x, weight, bias, eps, autocast_dtype(x) or x.dtype)
 
 
-def _cuda_layernorm_mlp_why_not(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, dropout_p):
+def _cuda_layernorm_mlp_why_not(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, dropout_p,
+                                activation="gelu"):
+    if activation != "gelu":
+        return f"activation {activation!r}: the CUDA MLP computes exact erf GELU only (Triton takes all three)"
     reason = _cuda_reason({
         "x": x, "ln_weight": ln_weight, "ln_bias": ln_bias, "fc1_weight": fc1_weight, "fc1_bias": fc1_bias,
         "fc2_weight": fc2_weight, "fc2_bias": fc2_bias, "residual": residual,
@@ -117,11 +123,12 @@ def _cuda_gemm_reason(C: int, hidden: int, C_out: int, dtype: torch.dtype, rows:
     return None
 
 
-def _cuda_layernorm_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, dropout_p):
+def _cuda_layernorm_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, dropout_p,
+                        activation="gelu"):
     """CUDA LayerNorm-MLP; like the Triton backend, dropout_p > 0 runs the eager reference (dropout is not fused)."""
     if dropout_p > 0:
         return reference.layernorm_mlp(
-            x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, dropout_p
+            x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, dropout_p, activation
         )
     from fastvit.csrc import mlp as cuda
 
@@ -169,11 +176,13 @@ def layernorm_mlp(
     eps: float = 1e-6,
     residual: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    activation: str = "gelu",
 ) -> torch.Tensor:
-    """``fc2(drop(gelu(fc1(layer_norm(x)))))``, then ``drop``, plus ``residual``. x: (..., C) -> (..., C_out).
+    """``fc2(drop(act(fc1(layer_norm(x)))))``, then ``drop``, plus ``residual``. x: (..., C) -> (..., C_out).
 
-    fc1_weight: (hidden, C), fc2_weight: (C_out, hidden), exact (erf) GELU, LayerNorm with fp32
-    statistics. The result is in the GEMM dtype (the autocast dtype, else x's), or in residual's
+    fc1_weight: (hidden, C), fc2_weight: (C_out, hidden), LayerNorm with fp32 statistics; ``act`` is
+    ``activation``: "gelu" (exact erf, the default), "gelu_tanh" (tanh approximation, SigLIP) or
+    "quick_gelu" (``x * sigmoid(1.702 x)``, CLIP). The result is in the GEMM dtype (the autocast dtype, else x's), or in residual's
     dtype when ``residual`` (shape (..., C_out)) is given. ``dropout_p`` applies whenever > 0 (dropout is
     not fused: there the Triton backend runs the eager reference, with torch's RNG).
     """
@@ -192,6 +201,8 @@ def layernorm_mlp(
         check.tensor("residual", residual, x.dim(), f"a tensor of the output's shape {(*x.shape[:-1], C_out)}")
         check.shape("residual", residual, (*x.shape[:-1], C_out), "(the output's shape)")
     dropout_p = check.probability("dropout_p", dropout_p)
+    if activation not in reference.ACTIVATIONS:
+        raise ValueError(f"activation must be one of {reference.ACTIVATIONS}, got {activation!r}")
     check.same_device(
         "x", x, ln_weight=ln_weight, ln_bias=ln_bias, fc1_weight=fc1_weight, fc1_bias=fc1_bias,
         fc2_weight=fc2_weight, fc2_bias=fc2_bias, residual=residual,
@@ -204,5 +215,6 @@ def layernorm_mlp(
         check.same_dtype("x", x, fc1_weight=fc1_weight, fc2_weight=fc2_weight)
     with autocast_off(x):
         return backend.dispatch(
-            "layernorm_mlp", x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, dropout_p
+            "layernorm_mlp", x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, dropout_p,
+            activation,
         )

@@ -5,8 +5,9 @@ What is recognised, and what its forward becomes (``fastvit.ops``):
 - timm ``PatchEmbed``: ``patch_embed`` (size checks, dynamic padding, ``output_fmt`` and ``norm`` as timm);
 - timm ``Attention``: ``attention_qkvpacked`` on the qkv projection's output (``attention`` on the
   normalised q, k with ``qk_norm``); ``scale_norm`` and the gate applied to the op's output as timm does;
-- timm ``Block``: ``norm2`` + ``Mlp`` as one ``layernorm_mlp`` call, the residual fused when ``ls2``
-  and drop path allow (else added after the op); ``norm1`` as ``layer_norm``;
+- timm ``Block``: ``norm2`` + ``Mlp`` as one ``layernorm_mlp`` call (exact GELU, tanh GELU or QuickGELU
+  as the Mlp's activation), the residual fused when ``ls2`` and drop path allow (else added after the
+  op); ``norm1`` as ``layer_norm``;
 - ``nn.LayerNorm`` and timm's ``LayerNorm`` over the last dim: ``layer_norm``;
 - vit-pytorch ``Attention`` (its LayerNorm, then ``attention_qkvpacked``), ``FeedForward``
   (``layernorm_mlp``, the residual passed in by its ``Transformer``), the ``to_patch_embedding`` of

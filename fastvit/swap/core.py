@@ -255,6 +255,7 @@ class _Swapped:
     _fv_kind = ""
     _fv_label = ""
     _fv_flag = ""
+    _fastvit_activation = "gelu"  # the fused MLP's activation (set per instance by MLP swaps)
     _fastvit_base: type
 
     def __init_subclass__(cls, **kw):
@@ -280,8 +281,8 @@ class _Swapped:
         for p, t in zip(parts, expected):
             if (p is None and t is not None) or (p is not None and _orig_type(p) is not t):
                 return False
-            if t is nn.GELU and p.approximate != "none":  # the fused MLPs compute erf GELU
-                return False
+            if t is nn.GELU and {"none": "gelu", "tanh": "gelu_tanh"}.get(p.approximate) != self._fastvit_activation:
+                return False  # the GELU's approximation changed after optimize
         return not _hooked(parts)
 
     # -- at optimize time
@@ -423,6 +424,8 @@ class _Env:
         self.timm_mlp = _classes(_attr("timm.layers.mlp", "Mlp"))
         self.timm_patch_embed = _classes(_attr("timm.layers.patch_embed", "PatchEmbed"))
         self.timm_gelu = _classes(_attr("timm.layers.activations", "GELU"))
+        self.timm_gelu_tanh = _classes(_attr("timm.layers.activations", "GELUTanh"))
+        self.timm_quick_gelu = _classes(_attr("timm.layers.activations", "QuickGELU"))
         self.layer_norms = _classes(nn.LayerNorm, _attr("timm.layers.norm", "LayerNorm"))
         vp = ("vit_pytorch.vit", "vit_pytorch.simple_vit")
         self.vitp_attention = _classes(*(_attr(mod, "Attention") for mod in vp))
@@ -442,20 +445,25 @@ def _is_ln(m, env) -> bool:
     return _orig_type(m) in env.layer_norms and len(m.normalized_shape) == 1
 
 
-def _is_erf_gelu(act, env) -> bool:
+def _activation_name(act, env) -> str | None:
+    """The ops.layernorm_mlp ``activation`` that ``act`` computes: "gelu" (nn.GELU, timm's GELU),
+    "gelu_tanh" (nn.GELU(approximate="tanh"), timm's GELUTanh), "quick_gelu" (timm's QuickGELU); None
+    for anything else."""
     t = _orig_type(act)
-    return (t is nn.GELU and act.approximate == "none") or t in env.timm_gelu
+    if t is nn.GELU:
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
+    if t in env.timm_gelu:
+        return "gelu"
+    if t in env.timm_gelu_tanh:
+        return "gelu_tanh"
+    if t in env.timm_quick_gelu:
+        return "quick_gelu"
+    return None
 
 
 def _activation_reason(act, env) -> str:
-    name = type(act).__name__
-    if isinstance(act, nn.GELU) and act.approximate != "none":
-        return f"tanh-approximated GELU (GELU(approximate={act.approximate!r})): the fused MLP computes exact erf GELU"
-    if "tanh" in name.lower():
-        return f"tanh-approximated GELU ({name}): the fused MLP computes exact erf GELU"
-    if "quick" in name.lower():
-        return f"QuickGELU activation ({name}): the fused MLP computes exact erf GELU"
-    return f"activation {name}: the fused MLP computes exact erf GELU"
+    return (f"activation {type(act).__name__}: the fused MLP takes exact GELU, tanh-approximated GELU and "
+            f"QuickGELU")
 
 
 def _plain_linear(m) -> bool:
@@ -545,7 +553,7 @@ def _mlp_tail_reason(norm2, mlp, drops, env) -> str | None:
     """Why a (norm2, Mlp with fc1 / act / fc2 and ``drops``) pair cannot be one ops.layernorm_mlp call."""
     if not (_plain_linear(mlp.fc1) and _plain_linear(mlp.fc2)):
         return f"Mlp.fc1/fc2 are {type(mlp.fc1).__name__}/{type(mlp.fc2).__name__}, not nn.Linear (e.g. use_conv)"
-    if not _is_erf_gelu(mlp.act, env):
+    if _activation_name(mlp.act, env) is None:
         return _activation_reason(mlp.act, env)
     if not all(_plain_dropout(d) for d in drops):
         return "the Mlp's dropout modules are not nn.Dropout"
@@ -591,7 +599,7 @@ class _MlpBlock(_Swapped):
 
     @classmethod
     def _fv_configure(cls, m, ctx):
-        return {"norm1_fused": _norm1_fused(m, ctx.env)}
+        return {"norm1_fused": _norm1_fused(m, ctx.env), "activation": _activation_name(m.mlp.act, ctx.env)}
 
     def _fv_parts(self):
         mlp = self.mlp

@@ -21,7 +21,7 @@ from fastvit.swap.core import (
     _drop_path_inactive,
     _function_ast,
     _head_dim_reason,
-    _is_erf_gelu,
+    _activation_name,
     _is_ln,
     _ln_into_gemm,
     _MlpBlock,
@@ -248,8 +248,8 @@ class _T2TBlock(_MlpBlock):
             args = (n.weight, n.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, n.eps)
             p = _dropout_p(mlp.drop)
             if _drop_path_inactive(self.drop_path, self.training):
-                return ops.layernorm_mlp(x, *args, residual=x, dropout_p=p)
-            return x + self.drop_path(ops.layernorm_mlp(x, *args, dropout_p=p))
+                return ops.layernorm_mlp(x, *args, residual=x, dropout_p=p, activation=self._fastvit_activation)
+            return x + self.drop_path(ops.layernorm_mlp(x, *args, dropout_p=p, activation=self._fastvit_activation))
 
 
 class _TokenPerformer(_Swapped):
@@ -293,7 +293,7 @@ class _TokenPerformer(_Swapped):
             return "mlp is not the official Sequential(Linear, GELU, Linear, Dropout)"
         if not (_plain_linear(mlp[0]) and _plain_linear(mlp[2]) and _plain_dropout(mlp[3])):
             return "mlp is not the official Sequential(Linear, GELU, Linear, Dropout)"
-        if not _is_erf_gelu(mlp[1], env):
+        if _activation_name(mlp[1], env) is None:
             return _activation_reason(mlp[1], env)
         if not _is_ln(m.norm2, env):
             return f"norm2 is {type(m.norm2).__name__}, not a LayerNorm"
@@ -319,7 +319,8 @@ class _TokenPerformer(_Swapped):
 
     @classmethod
     def _fv_configure(cls, m, ctx):
-        return {"fuse_mlp": cls._fv_fuse_mlp(m, ctx)}
+        fuse = cls._fv_fuse_mlp(m, ctx)
+        return {"fuse_mlp": fuse, "activation": _activation_name(m.mlp[1], ctx.env) if fuse else "gelu"}
 
     def _fv_parts(self):
         parts = (self.norm1, self.kqv, self.proj, self.dp)
@@ -342,8 +343,8 @@ class _TokenPerformer(_Swapped):
             args = (n.weight, n.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, n.eps)
             if self.training and drop.p > 0:
                 # the official MLP drops only its output; the op would also drop the hidden layer
-                return x + drop(ops.layernorm_mlp(x, *args))
-            return ops.layernorm_mlp(x, *args, residual=x)
+                return x + drop(ops.layernorm_mlp(x, *args, activation=self._fastvit_activation))
+            return ops.layernorm_mlp(x, *args, residual=x, activation=self._fastvit_activation)
 
 
 def _is_official_t2t_module(m) -> bool:

@@ -209,8 +209,8 @@ class _TimmBlock(_MlpBlock):
             args = (n.weight, n.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, n.eps)
             p = _dropout_p(mlp.drop1)
             if isinstance(self.ls2, nn.Identity) and _drop_path_inactive(self.drop_path2, self.training):
-                return ops.layernorm_mlp(x, *args, residual=x, dropout_p=p)
-            return x + self.drop_path2(self.ls2(ops.layernorm_mlp(x, *args, dropout_p=p)))
+                return ops.layernorm_mlp(x, *args, residual=x, dropout_p=p, activation=self._fastvit_activation)
+            return x + self.drop_path2(self.ls2(ops.layernorm_mlp(x, *args, dropout_p=p, activation=self._fastvit_activation)))
 
 
 _FORMATS = ("NCHW", "NHWC", "NCL", "NLC")

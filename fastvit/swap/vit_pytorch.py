@@ -17,7 +17,7 @@ from fastvit.swap.core import (
     _activation_reason,
     _dropout_p,
     _head_dim_reason,
-    _is_erf_gelu,
+    _activation_name,
     _is_ln,
     _ln_into_gemm,
     _ln_torch_dtype,
@@ -93,10 +93,10 @@ def _feedforward_layout(net, env) -> tuple[tuple[int, ...] | None, str | None]:
         return None, "no Linear after the LayerNorm"
     fc1 = i
     i += 1
-    if i >= len(mods) or not (_orig_type(mods[i]) is nn.GELU or _orig_type(mods[i]) in env.timm_gelu):
+    if i >= len(mods) or _activation_name(mods[i], env) is None:
+        if i < len(mods) and _orig_type(mods[i]) is nn.GELU:
+            return None, _activation_reason(mods[i], env)
         return None, f"the layer after fc1 is {type(mods[i]).__name__ if i < len(mods) else 'missing'}, not a GELU"
-    if not _is_erf_gelu(mods[i], env):
-        return None, _activation_reason(mods[i], env)
     act = i
     i += 1
     d1 = -1
@@ -144,7 +144,8 @@ class _VitpFeedForward(_Swapped):
 
     @classmethod
     def _fv_configure(cls, m, ctx):
-        return {"layout": _feedforward_layout(m.net, ctx.env)[0]}
+        layout = _feedforward_layout(m.net, ctx.env)[0]
+        return {"layout": layout, "activation": _activation_name(m.net[layout[2]], ctx.env)}
 
     def _fv_parts(self):
         net = self.net
@@ -162,7 +163,8 @@ class _VitpFeedForward(_Swapped):
         x = check.last_dim(x, ln.normalized_shape[0], f"net.{ln_i}.weight")
         with _Pin(self._fastvit_backend):
             return ops.layernorm_mlp(x, ln.weight, ln.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, ln.eps,
-                                     residual=residual, dropout_p=p1 if self.training else 0.0)
+                                     residual=residual, dropout_p=p1 if self.training else 0.0,
+                                     activation=self._fastvit_activation)
 
 
 class _VitpTransformer(_Swapped):
