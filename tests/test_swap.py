@@ -648,3 +648,28 @@ def test_wrong_width_input_names_the_parameter():
         assert isinstance(module, swap.core._Swapped), type(module)
         with pytest.raises(ValueError, match=rf"x must be a tensor \(\.\.\., {width}\) to match {name}"):
             module(torch.randn(2, 5, width + 8))
+
+
+# The ViTs people fine-tune, at depth 2 and a small image: every Block, Attention, PatchEmbed and LayerNorm
+# fused (CLIP's QuickGELU and SigLIP's tanh GELU MLPs included); the hybrids' CNN stem stays timm's.
+VARIANTS = {
+    "deit_tiny_distilled_patch16_224": (dict(img_size=32), 32),
+    "vit_small_patch14_dinov2": (dict(img_size=28), 28),
+    "vit_small_patch14_reg4_dinov2": (dict(img_size=28), 28),
+    "vit_base_patch16_clip_224": (dict(img_size=32), 32),
+    "vit_base_patch16_clip_quickgelu_224": (dict(img_size=32), 32),
+    "vit_base_patch16_siglip_224": (dict(img_size=32), 32),
+    "vit_tiny_r_s16_p8_224": (dict(img_size=64), 64),
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_timm_variants_fused_end_to_end(name, backend):
+    kwargs, size = VARIANTS[name]
+    model = timm.create_model(name, depth=2, **kwargs)
+    report = check_optimized(model, image(batch=2, size=size), backend=backend, name=name)
+    counts = kinds(report)
+    assert counts["timm Block"] == 2 and counts["timm Attention"] == 2 and not report.left_alone, str(report)
+    hybrid = "_r_" in name or "_r26_" in name
+    assert ("timm PatchEmbed" in counts) != hybrid
