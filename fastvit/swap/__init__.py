@@ -62,7 +62,7 @@ from fastvit.swap.core import (
     restore,
 )
 from fastvit.swap.t2t_vit import _is_official_t2t_module, _SoftSplit, _T2TAttention, _T2TBlock, _TokenPerformer
-from fastvit.swap.timm import _TimmAttention, _TimmBlock, _TimmPatchEmbed
+from fastvit.swap.timm import _TimmAttention, _TimmAttentionPool, _TimmBlock, _TimmPatchEmbed
 from fastvit.swap.vit_pytorch import (
     _is_vitp_soft_split,
     _VitpAttention,
@@ -77,7 +77,7 @@ logger = logging.getLogger("fastvit")
 
 # Recognised kinds, most specific first.
 _MIXINS: tuple[type, ...] = (
-    _TimmBlock, _TimmAttention, _TimmPatchEmbed,
+    _TimmBlock, _TimmAttention, _TimmPatchEmbed, _TimmAttentionPool,
     _VitpTransformer, _VitpAttention, _VitpFeedForward, _VitpPatchEmbedding,
     _TokenPerformer, _T2TBlock, _T2TAttention,
     _SoftSplit, _LayerNorm,

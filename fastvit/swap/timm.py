@@ -288,3 +288,19 @@ class _TimmPatchEmbed(_Swapped):
             elif fmt == "NCL":
                 y = y.transpose(1, 2)
         return self.norm(y)
+
+
+class _TimmAttentionPool(_Swapped):
+    """timm's ``AttentionPoolLatent`` (the ``map`` head of SigLIP): recognised so that the report says it
+    is not fused (a latent query against all tokens, once per image); its LayerNorm is swapped alone."""
+
+    _fv_kind, _fv_label, _fv_flag = "timm_attention_pool", "timm AttentionPoolLatent", "attention"
+
+    @classmethod
+    def _fv_matches(cls, m, env):
+        return type(m) in env.timm_attention_pool
+
+    @classmethod
+    def _fv_why_not(cls, m, ctx):
+        return "the attention-pool head (global_pool='map') is not fused: it runs once per image, on one query"
+
