@@ -86,6 +86,8 @@ TIMM_CASES = [
         img_size=32, depth=2, reg_tokens=1, class_token=False, no_embed_class=True, global_pool="avg", pool_include_prefix=True,
     )),
     ("vit_tiny_patch16_224", dict(img_size=32, depth=2, num_classes=0)),
+    ("vit_tiny_patch16_224", dict(img_size=32, depth=2, qk_norm=True, init_values=1e-3)),
+    ("vit_tiny_patch16_224", dict(img_size=32, depth=2, proj_bias=False, qkv_bias=False)),
     ("vit_tiny_patch16_224", dict(img_size=32, depth=2, fc_norm=True, final_norm=True, global_pool="token", init_values=0.1)),
     ("vit_base_patch16_224_miil", dict(
         img_size=32, depth=2, num_classes=7, drop_rate=0.1, pos_drop_rate=0.1, proj_drop_rate=0.1, attn_drop_rate=0.1,
@@ -110,6 +112,32 @@ def test_timm_state_dict_loads_strict_and_matches(name, kwargs):
         assert_close(feats, ref_feats, "forward_features")
         assert_close(model.forward_head(feats, pre_logits=True), ref.forward_head(ref_feats, pre_logits=True), "pre_logits")
         assert_close(model(x), ref(x), "logits")
+
+
+def test_qk_norm_and_no_proj_bias_on_triton_match_timm():
+    """qk_norm (a LayerNorm over each head's q and k, then ops.attention) and proj_bias=False (no bias
+    on attn.proj, mlp.fc1, mlp.fc2) on the Triton backend, against timm."""
+    kwargs = dict(img_size=32, depth=2, qk_norm=True, proj_bias=False)
+    ref = randomize(timm.create_model("vit_tiny_patch16_224", **kwargs)).eval()
+    model = create_model("vit_tiny_patch16_224", **kwargs).eval()
+    model.load_state_dict(ref.state_dict())
+    assert "blocks.0.attn.q_norm.weight" in model.state_dict() and "blocks.0.mlp.fc1.bias" not in model.state_dict()
+    x = image(2, 32)
+    with fastvit.use_backend("triton"):
+        out = model(x)
+        out.square().sum().backward()
+    expected = ref(x)
+    expected.square().sum().backward()
+    assert_close(out, expected, "logits on triton")
+    ref_grads = dict(ref.named_parameters())
+    largest = max(g.grad.abs().max().item() for g in ref_grads.values())
+    for n, p in model.named_parameters():
+        if n.endswith("k_norm.bias"):
+            # A bias on every key shifts each query's scores by one constant, which softmax ignores: its
+            # gradient is exactly 0, and both sides hold rounding noise. Judge it against the other grads.
+            assert p.grad.abs().max().item() <= RTOL * largest, n
+            continue
+        assert_close(p.grad, ref_grads[n].grad, f"grad of {n} on triton")
 
 
 def test_timm_training_mode_same_seed_same_logits_and_grads():
@@ -281,8 +309,8 @@ def test_clear_argument_errors():
         ViT(image_size=30, patch_size=8, num_classes=2, dim=32, depth=1, heads=2, mlp_dim=64)
     with pytest.raises(ValueError, match="unknown model name"):
         create_model("vit_nonexistent_patch3")
-    with pytest.raises(ValueError, match="qk_norm"):
-        create_model("vit_tiny_patch16_224", img_size=32, qk_norm=True)
+    with pytest.raises(ValueError, match="dynamic_img_pad"):
+        create_model("vit_tiny_patch16_224", img_size=32, dynamic_img_pad=True)
     with pytest.raises(ValueError, match="img_size"):
         create_model("vit_tiny_patch16_224", img_size=32, depth=1)(image(1, 48))
 

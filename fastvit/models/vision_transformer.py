@@ -37,7 +37,7 @@ class VisionTransformer(nn.Module):
 
     ``pos_embed``: ``'learn'`` (a parameter), ``'sincos'`` (fixed 2-D sin-cos table, a buffer outside
     the state_dict; prefix tokens get zeros), ``'none'``. ``norm_eps`` is every LayerNorm's eps (timm:
-    1e-6). timm options fastvit lacks (``qk_norm``, ``proj_bias=False``, ``'map'`` pooling, patch
+    1e-6). timm options fastvit lacks (``'map'`` pooling, patch
     dropout, ``dynamic_img_pad``, jax/moco init) raise ValueError. Under autocast the residual stream
     stays float32 as in timm; LayerNorm outputs follow fastvit's rule (the autocast dtype).
     """
@@ -79,7 +79,7 @@ class VisionTransformer(nn.Module):
     ):
         super().__init__()
         for name, value, ok in (
-            ("qk_norm", qk_norm, False), ("proj_bias", proj_bias, True), ("dynamic_img_pad", dynamic_img_pad, False),
+            ("dynamic_img_pad", dynamic_img_pad, False),
         ):
             if value != ok:
                 raise _unsupported(name, value, ok)
@@ -124,7 +124,8 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.Sequential(*[
             Block(
                 embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate,
-                attn_drop=attn_drop_rate, init_values=init_values, drop_path=dpr[i], eps=norm_eps,
+                attn_drop=attn_drop_rate, init_values=init_values, drop_path=dpr[i], eps=norm_eps, qk_norm=qk_norm,
+                proj_bias=proj_bias,
             )
             for i in range(depth)
         ])

@@ -30,6 +30,8 @@ class Attention(nn.Module):
         head_dim: int | None = None,
         qk_scale: float | None = None,
         proj_bias: bool = True,
+        qk_norm: bool = False,
+        norm_eps: float = 1e-6,
     ):
         super().__init__()
         if head_dim is None:
@@ -41,6 +43,12 @@ class Attention(nn.Module):
         self.scale = qk_scale if qk_scale is not None else head_dim**-0.5
         inner = num_heads * head_dim
         self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
+        self.qk_norm = qk_norm
+        if qk_norm:  # timm's qk_norm: a LayerNorm over each head's q and k (keys attn.q_norm, attn.k_norm)
+            from fastvit.nn.mlp import LayerNorm
+
+            self.q_norm = LayerNorm(head_dim, eps=norm_eps)
+            self.k_norm = LayerNorm(head_dim, eps=norm_eps)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(inner, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -48,5 +56,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         p = self.attn_drop.p if self.training else 0.0
         x = check.last_dim(x, self.qkv.in_features, "qkv.weight")
-        o = ops.attention_qkvpacked(self.qkv(x), self.num_heads, mask=mask, scale=self.scale, dropout_p=p)
-        return self.proj_drop(self.proj(o))
+        if not self.qk_norm:
+            o = ops.attention_qkvpacked(self.qkv(x), self.num_heads, mask=mask, scale=self.scale, dropout_p=p)
+            return self.proj_drop(self.proj(o))
+        B, N, _ = x.shape
+        H, D = self.num_heads, self.head_dim
+        q, k, v = self.qkv(x).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        o = ops.attention(self.q_norm(q), self.k_norm(k), v, mask=mask, scale=self.scale, dropout_p=p)
+        return self.proj_drop(self.proj(o.transpose(1, 2).reshape(B, N, H * D)))

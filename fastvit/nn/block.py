@@ -68,14 +68,17 @@ class Block(nn.Module):
         head_dim: int | None = None,
         qk_scale: float | None = None,
         mlp_hidden_dim: int | None = None,
+        qk_norm: bool = False,
+        proj_bias: bool = True,
     ):
         super().__init__()
         self.norm1 = LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop, head_dim=head_dim, qk_scale=qk_scale)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop, head_dim=head_dim, qk_scale=qk_scale,
+                              proj_bias=proj_bias, qk_norm=qk_norm, norm_eps=eps)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, mlp_hidden_dim or int(dim * mlp_ratio), drop=proj_drop)
+        self.mlp = Mlp(dim, mlp_hidden_dim or int(dim * mlp_ratio), bias=proj_bias, drop=proj_drop)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 
