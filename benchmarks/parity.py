@@ -33,7 +33,7 @@ def parity_checks(shapes: dict) -> list:
     def add(family, name, shape, build):
         checks.append(SmokeCheck(family, name, shape, build))
 
-    def mlp(s, label):
+    def mlp(s, label, activation="gelu"):
         B, N, C, H = s["B"], s["N"], s["C"], s["hidden"]
 
         def build(dtype, device):
@@ -41,9 +41,11 @@ def parity_checks(shapes: dict) -> list:
             ln = [draw(C, dtype=dtype, device=device), draw(C, dtype=dtype, device=device)]
             w1, b1 = draw(H, C, dtype=dtype, device=device, scale=C**-0.5), draw(H, dtype=dtype, device=device)
             w2, b2 = draw(C, H, dtype=dtype, device=device, scale=H**-0.5), draw(C, dtype=dtype, device=device)
-            return (lambda: ops.layernorm_mlp(x, *ln, w1, b1, w2, b2, eps=1e-6, residual=x)), [x, *ln, w1, b1, w2, b2]
+            return ((lambda: ops.layernorm_mlp(x, *ln, w1, b1, w2, b2, eps=1e-6, residual=x, activation=activation)),
+                    [x, *ln, w1, b1, w2, b2])
 
-        add("mlp", f"layernorm_mlp {label}", {"B": B, "N": N, "C": C, "hidden": H}, build)
+        name = f"layernorm_mlp {label}" + ("" if activation == "gelu" else f" {activation}")
+        add("mlp", name, {"B": B, "N": N, "C": C, "hidden": H}, build)
 
     def layer_norm(s, label):
         B, N, C = s["B"], s["N"], s["C"]
@@ -67,8 +69,9 @@ def parity_checks(shapes: dict) -> list:
         add("attention", f"attention {label}" + (" key-padding mask" if masked else ""),
             {"B": B, "H": H, "N": N, "D": D}, build)
 
-    def qkvpacked(s, label):
-        B, N, H, D = s["B"], s["N"], s["heads"], s["C"] // s["heads"]
+    def qkvpacked(s, label, heads=None, head_dim=None):
+        B, N = s["B"], s["N"]
+        H, D = heads or s["heads"], head_dim or s["C"] // s["heads"]
 
         def build(dtype, device):
             qkv = draw(B, N, 3 * H * D, dtype=dtype, device=device)
@@ -137,6 +140,9 @@ def parity_checks(shapes: dict) -> list:
     attention(vit, "ViT-B/16", masked=True)
     attention(t2t, "T2T-ViT-14")
     qkvpacked(vit, "ViT-B/16")
+    qkvpacked(vit, "SigLIP-so400m heads", heads=16, head_dim=72)  # a head dim padded inside the kernel
+    mlp(vit, "ViT-B/16", activation="gelu_tanh")  # SigLIP
+    mlp(vit, "ViT-B/16", activation="quick_gelu")  # CLIP
     patch_embed(vit, "ViT-B/16", hwc=False)
     patch_embed(vit, "ViT-B/16", hwc=True)
     soft_split(t2t, "T2T-ViT-14")

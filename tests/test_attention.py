@@ -485,6 +485,19 @@ def cuda_check(fused_fn, ref_fn, inputs, dtype, grad_out=None):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N", [197, 729])
+@pytest.mark.parametrize("D", [8, 24, 48, 72, 120])
+def test_gpu_head_dims_multiple_of_8(N, D, dtype):
+    """Head dims padded inside the kernel: 8 (a 16-wide tile), 24, 48, 72 (SigLIP-so400m at N = 729), 120."""
+    B, H = 2, 3
+    q, k, v = cuda_inputs(B, H, N, D, dtype)
+    cuda_check(fused_attention, reference.attention, {"q": q, "k": k, "v": v, "mask": None, "scale": None}, dtype)
+    qkv_ = torch.randn(B, N, 3 * H * D, device="cuda", dtype=dtype, requires_grad=True)
+    cuda_check(fused_qkvpacked, reference.attention_qkvpacked, {"qkv": qkv_, "num_heads": H}, dtype)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("N", [197, 577, 785, 3136])
 @pytest.mark.parametrize("D", [64, 80])

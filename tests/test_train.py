@@ -212,4 +212,6 @@ def test_gpu_vit_small_bf16_tracks_eager(tmp_path, backend):
     run = ref if backend == "eager" else train(tmp_path, backend, *args, "--backend", backend)
     a, b = [float(r["train_loss"]) for r in metrics(ref)], [float(r["train_loss"]) for r in metrics(run)]
     assert b[-1] < b[0] * 0.8
+    # bf16 training drifts apart step by step on any two kernels (different summation orders): each
+    # epoch's mean loss within 5% (+0.05) of eager's says the curves track, not that they are equal
     assert all(abs(x - y) <= 0.05 * max(abs(x), 1e-3) + 0.05 for x, y in zip(a, b)), (a, b)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from fastvit._fx import leaf
-from fastvit.models._pos_embed import posemb_sincos_2d
+from fastvit.models._pos_embed import posemb_sincos_table
 from fastvit.models.convert import resample_pos_embed
 
 
@@ -35,9 +35,7 @@ def pos_for_image(
     if table is None or grid == tuple(grid_size):
         return table
     if sincos:
-        D = table.shape[-1]
-        new = posemb_sincos_2d(grid[0], grid[1], D).to(table)
-        return torch.cat([table[0, :n_prefix], new]).unsqueeze(0)
+        return posemb_sincos_table(grid[0], grid[1], table.shape[-1], n_prefix).to(table)
     return resample_pos_embed(table, grid, tuple(grid_size), n_prefix)
 
 

@@ -20,6 +20,13 @@ def posemb_sincos_2d(h: int, w: int, dim: int, temperature: float = 10000.0, dty
     return torch.cat((x.sin(), x.cos(), y.sin(), y.cos()), dim=1).to(dtype)
 
 
+def posemb_sincos_table(h: int, w: int, dim: int, n_prefix: int = 0) -> torch.Tensor:
+    """timm's fixed ``pos_embed='sincos'`` layout: (1, n_prefix + h * w, dim), zero rows for the prefix
+    tokens, then :func:`posemb_sincos_2d`."""
+    table = posemb_sincos_2d(h, w, dim)
+    return torch.cat([table.new_zeros(n_prefix, dim), table]).unsqueeze(0)
+
+
 def get_sinusoid_encoding(n_position: int, d_hid: int) -> torch.Tensor:
     """T2T-ViT's 1-D sinusoid table: (1, n_position, d_hid), float32.
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fastvit.models._image import check_image, pos_for_image, promote
-from fastvit.models._pos_embed import posemb_sincos_2d
+from fastvit.models._pos_embed import posemb_sincos_table
 from fastvit.nn import Block, LayerNorm, PatchEmbed
 
 GLOBAL_POOLS = ("", "token", "avg", "avgmax", "max")
@@ -114,7 +114,8 @@ class VisionTransformer(nn.Module):
         if self.pos_embed_type == "learn":
             self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, embed_dim))
         elif self.pos_embed_type == "sincos":
-            self.register_buffer("pos_embed", self._sincos(grid), persistent=False)
+            n_prefix = 0 if no_embed_class else self.num_prefix_tokens
+            self.register_buffer("pos_embed", posemb_sincos_table(*grid, embed_dim, n_prefix), persistent=False)
         else:
             self.pos_embed = None
         self.pos_drop = nn.Dropout(pos_drop_rate)
@@ -138,11 +139,6 @@ class VisionTransformer(nn.Module):
             self.init_weights()
         if fix_init:
             self.fix_init_weight()
-
-    def _sincos(self, grid: tuple[int, int]) -> torch.Tensor:
-        table = posemb_sincos_2d(grid[0], grid[1], self.embed_dim)
-        n_prefix = 0 if self.no_embed_class else self.num_prefix_tokens
-        return torch.cat([table.new_zeros(n_prefix, self.embed_dim), table]).unsqueeze(0)
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -281,14 +281,17 @@ class _Swapped:
         for p, t in zip(parts, expected):
             if (p is None and t is not None) or (p is not None and _orig_type(p) is not t):
                 return False
-            if t is nn.GELU and {"none": "gelu", "tanh": "gelu_tanh"}.get(p.approximate) != self._fastvit_activation:
+            if t is nn.GELU and _GELU_APPROXIMATE.get(p.approximate) != self._fastvit_activation:
                 return False  # the GELU's approximation changed after optimize
         return not _hooked(parts)
 
     # -- at optimize time
+    _fv_classes = ""  # the _Env attribute holding the library classes this kind swaps (class identity)
+
     @classmethod
     def _fv_matches(cls, m, env) -> bool:
-        raise NotImplementedError
+        """By default: ``m``'s class is one of ``getattr(env, cls._fv_classes)``."""
+        return bool(cls._fv_classes) and type(m) in getattr(env, cls._fv_classes)
 
     @classmethod
     def _fv_why_not(cls, m, ctx) -> str | None:
@@ -446,13 +449,16 @@ def _is_ln(m, env) -> bool:
     return _orig_type(m) in env.layer_norms and len(m.normalized_shape) == 1
 
 
+_GELU_APPROXIMATE = {"none": "gelu", "tanh": "gelu_tanh"}  # nn.GELU(approximate=...) -> the op's activation
+
+
 def _activation_name(act, env) -> str | None:
     """The ops.layernorm_mlp ``activation`` that ``act`` computes: "gelu" (nn.GELU, timm's GELU),
     "gelu_tanh" (nn.GELU(approximate="tanh"), timm's GELUTanh), "quick_gelu" (timm's QuickGELU); None
     for anything else."""
     t = _orig_type(act)
     if t is nn.GELU:
-        return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
+        return _GELU_APPROXIMATE.get(act.approximate)
     if t in env.timm_gelu:
         return "gelu"
     if t in env.timm_gelu_tanh:
@@ -527,10 +533,7 @@ class _LayerNorm(_Swapped):
     """``nn.LayerNorm`` / timm's ``LayerNorm`` over the last dim -> ops.layer_norm (torch's output dtype)."""
 
     _fv_kind, _fv_label, _fv_flag = "layer_norm", "LayerNorm", "mlp"
-
-    @classmethod
-    def _fv_matches(cls, m, env):
-        return type(m) in env.layer_norms
+    _fv_classes = "layer_norms"
 
     @classmethod
     def _fv_why_not(cls, m, ctx):

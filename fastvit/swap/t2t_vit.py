@@ -113,9 +113,6 @@ _OFFICIAL_T2T = {
 }
 
 
-
-
-
 def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 

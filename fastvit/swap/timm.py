@@ -70,10 +70,7 @@ class _TimmAttention(_Swapped):
     scale_norm -> gate -> proj -> proj_drop. ``is_causal=True`` runs timm's own forward."""
 
     _fv_kind, _fv_label, _fv_flag = "timm_attention", "timm Attention", "attention"
-
-    @classmethod
-    def _fv_matches(cls, m, env):
-        return type(m) in env.timm_attention
+    _fv_classes = "timm_attention"
 
     @classmethod
     def _fv_why_not(cls, m, ctx):
@@ -165,10 +162,7 @@ class _TimmBlock(_MlpBlock):
 
     _fv_kind, _fv_label, _fv_flag = "timm_block", "timm Block", "mlp"
     _fv_mlp_parts = ("fc1", "act", "fc2", "drop1", "drop2", "norm")
-
-    @classmethod
-    def _fv_matches(cls, m, env):
-        return type(m) in env.timm_block
+    _fv_classes = "timm_block"
 
     @classmethod
     def _fv_why_not(cls, m, ctx):
@@ -221,10 +215,7 @@ class _TimmPatchEmbed(_Swapped):
     then ``output_fmt`` and ``norm``."""
 
     _fv_kind, _fv_label, _fv_flag = "timm_patch_embed", "timm PatchEmbed", "embed"
-
-    @classmethod
-    def _fv_matches(cls, m, env):
-        return type(m) in env.timm_patch_embed
+    _fv_classes = "timm_patch_embed"
 
     @staticmethod
     def _fv_conv_reason(m) -> str | None:
@@ -295,10 +286,7 @@ class _TimmAttentionPool(_Swapped):
     is not fused (a latent query against all tokens, once per image); its LayerNorm is swapped alone."""
 
     _fv_kind, _fv_label, _fv_flag = "timm_attention_pool", "timm AttentionPoolLatent", "attention"
-
-    @classmethod
-    def _fv_matches(cls, m, env):
-        return type(m) in env.timm_attention_pool
+    _fv_classes = "timm_attention_pool"
 
     @classmethod
     def _fv_why_not(cls, m, ctx):

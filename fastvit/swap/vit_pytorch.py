@@ -36,10 +36,7 @@ class _VitpAttention(_Swapped):
     """vit-pytorch ``Attention`` (vit.py, simple_vit.py): LayerNorm, to_qkv, ops.attention_qkvpacked, to_out."""
 
     _fv_kind, _fv_label, _fv_flag = "vitp_attention", "vit-pytorch Attention", "attention"
-
-    @classmethod
-    def _fv_matches(cls, m, env):
-        return type(m) in env.vitp_attention
+    _fv_classes = "vitp_attention"
 
     @classmethod
     def _fv_why_not(cls, m, ctx):
@@ -120,10 +117,7 @@ class _VitpFeedForward(_Swapped):
     passes it)."""
 
     _fv_kind, _fv_label, _fv_flag = "vitp_feedforward", "vit-pytorch FeedForward", "mlp"
-
-    @classmethod
-    def _fv_matches(cls, m, env):
-        return type(m) in env.vitp_feedforward
+    _fv_classes = "vitp_feedforward"
 
     @classmethod
     def _fv_why_not(cls, m, ctx):
@@ -172,10 +166,7 @@ class _VitpTransformer(_Swapped):
     residual add happens inside ops.layernorm_mlp."""
 
     _fv_kind, _fv_label, _fv_flag = "vitp_transformer", "vit-pytorch Transformer", "mlp"
-
-    @classmethod
-    def _fv_matches(cls, m, env):
-        return type(m) in env.vitp_transformer
+    _fv_classes = "vitp_transformer"
 
     @classmethod
     def _fv_why_not(cls, m, ctx):

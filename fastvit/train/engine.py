@@ -170,10 +170,13 @@ class Meter:
         return loss / n, 100.0 * top1 / n, 100.0 * top5 / n
 
 
-def hits(logits: torch.Tensor, target: torch.Tensor, k: int) -> float:
-    k = min(k, logits.shape[-1])
-    top = logits.topk(k, dim=-1).indices
-    return (top == target[:, None]).any(dim=-1).sum().item()
+def hits(logits: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
+    """Top-1 and top-5 hits in a batch (timm's ``accuracy``, which caps k at the class count)."""
+    from timm.utils import accuracy
+
+    top1, top5 = accuracy(logits, target, topk=(1, 5))
+    n = len(target) / 100.0
+    return top1.item() * n, top5.item() * n
 
 
 class Run:
@@ -196,7 +199,8 @@ class Run:
         self.raw = self.model
         torch.manual_seed(cfg["seed"] + 1_000 * d.rank)  # one init on every rank; dropout differs per rank
         self._wrap()
-        self._optimizer()
+        if not cfg["eval_only"]:
+            self._optimizer()
 
     # -- setup
     def _data(self):
@@ -212,9 +216,6 @@ class Run:
         self.val_set = data_mod.MaskedPadding(data.val)
         self.val_order = data_mod.ShardedOrder(len(data.val), shuffle=False, seed=0, rank=self.d.rank,
                                                world_size=self.d.world, pad_past_end=True)
-        if len(self.train_order) < c["batch_size"] and not c["eval_only"]:
-            raise ConfigError(f"--batch-size {c['batch_size']}: larger than this process's {len(self.train_order)} "
-                              f"training images")
         return data
 
     def _wrap(self):
@@ -241,7 +242,10 @@ class Run:
             raise ConfigError(f"--layer-decay: {type(self.raw).__name__} has no group_matcher (timm's layer grouping)")
         self.optimizer = create_optimizer_v2(self.raw, opt=c["opt"], lr=c["lr"], weight_decay=c["weight_decay"],
                                              layer_decay=c["layer_decay"])
-        self.updates_per_epoch = max(len(self.train_order) // c["batch_size"] // c["grad_accum"], int(c["eval_only"]))
+        if len(self.train_order) < c["batch_size"]:
+            raise ConfigError(f"--batch-size {c['batch_size']}: larger than this process's {len(self.train_order)} "
+                              f"training images")
+        self.updates_per_epoch = len(self.train_order) // c["batch_size"] // c["grad_accum"]
         if self.updates_per_epoch == 0:
             raise ConfigError(f"--grad-accum {c['grad_accum']}: more micro-batches than an epoch has")
         if c["train_steps"]:
@@ -367,11 +371,11 @@ class Run:
                     logits = self.forward(x)
                     loss = self.criterion(logits, target)
                 self.scaler.scale(loss / c["grad_accum"]).backward()
-            if math.isnan(loss.item()):
+            loss_value = loss.item()
+            if math.isnan(loss_value):
                 raise FloatingPointError(f"epoch {epoch + 1}, batch {i}: the loss is NaN (try a lower --lr or --amp off)")
-            labels = y if self.mixup is None else None
-            meter.add(loss.item(), 0.0 if labels is None else hits(logits.detach(), y, 1),
-                      0.0 if labels is None else hits(logits.detach(), y, 5), len(y))
+            top1, top5 = (0.0, 0.0) if self.mixup is not None else hits(logits.detach(), y)
+            meter.add(loss_value, top1, top5, len(y))
             seen += len(y)
             if last_micro:
                 if c["clip_grad"]:
@@ -392,7 +396,7 @@ class Run:
                     return {"stopped_at": i + 1, "updates": updates}
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.set_postfix(loss=f"{loss_value:.3f}")
         if bar is not None:
             bar.close()
         return {"updates": updates, "img_per_s": seen / max(time.perf_counter() - t0, 1e-9)}
@@ -416,7 +420,7 @@ class Run:
             keep = real.bool()
             n = keep.sum().item()
             if n:
-                meter.add(losses[keep].mean().item(), hits(logits[keep], y[keep], 1), hits(logits[keep], y[keep], 5), n)
+                meter.add(losses[keep].mean().item(), *hits(logits[keep], y[keep]), n)
         return meter.result(d)
 
     def fit(self) -> dict:
