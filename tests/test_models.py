@@ -301,16 +301,20 @@ def test_checkpoint_errors_list_keys(tmp_path):
 def test_clear_argument_errors():
     with pytest.raises(ValueError, match="checkpoint_path.*network|network.*checkpoint_path"):
         create_model("vit_tiny_patch16_224", pretrained=True)
-    with pytest.raises(ValueError, match="img_size"):
-        create_model("vit_tiny_patch16_224", img_size=40)
     with pytest.raises(ValueError, match="img_size .* multiple of 16"):
         create_model("t2t_vit_7", img_size=40)
     with pytest.raises(ValueError, match="image_size"):
         ViT(image_size=30, patch_size=8, num_classes=2, dim=32, depth=1, heads=2, mlp_dim=64)
     with pytest.raises(ValueError, match="unknown model name"):
         create_model("vit_nonexistent_patch3")
-    with pytest.raises(ValueError, match="dynamic_img_pad"):
-        create_model("vit_tiny_patch16_224", img_size=32, dynamic_img_pad=True)
+    with pytest.raises(ValueError, match="act_layer"):
+        create_model("vit_tiny_patch16_224", img_size=32, act_layer="silu")
+    with pytest.raises(ValueError, match="global_pool='map'"):
+        create_model("vit_tiny_patch16_224", img_size=32).reset_classifier(10, "map")
+    with pytest.raises(ValueError, match="indices"):
+        create_model("vit_tiny_patch16_224", img_size=32, depth=2).forward_intermediates(image(1, 32), indices=[2])
+    with pytest.raises(ValueError, match="output_fmt"):
+        create_model("vit_tiny_patch16_224", img_size=32, depth=2).forward_intermediates(image(1, 32), output_fmt="NHWC")
     with pytest.raises(ValueError, match="img_size"):
         create_model("vit_tiny_patch16_224", img_size=32, depth=1)(image(1, 48))
 

@@ -35,8 +35,8 @@ def test_patch_embed_matches_timm():
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     expected = torch.cat([cls.expand(2, 1, 48), ours(x)], 1) + pos
     torch.testing.assert_close(ours(x, pos, cls), expected)
-    with pytest.raises(ValueError, match="img_size"):
-        fnn.PatchEmbed(30, 8)
+    # an img_size that is not a multiple: the floor grid, as timm (SigLIP's 384 px at patch 14)
+    assert fnn.PatchEmbed(30, 8).grid_size == timm_layers.PatchEmbed(30, 8).grid_size == (3, 3)
 
 
 def test_soft_split_matches_unfold():

@@ -12,16 +12,19 @@ from fastvit.models.convert import resample_pos_embed
 
 @leaf
 def check_image(x: torch.Tensor, name: str, patch_size: tuple[int, int], img_size=None, hint: str = "") -> torch.Tensor:
-    """``x`` itself, after checking it is an image batch (B, C, H, W) whose size is a multiple of
-    ``patch_size`` and, unless ``img_size`` is None, equals it (``hint`` ends that error)."""
+    """``x`` after checking it is an image batch (B, C, H, W) whose size equals ``img_size`` (``hint`` ends
+    that error) or, with ``img_size`` None, is a multiple of ``patch_size``. An ``img_size`` that is not a
+    multiple (SigLIP's 384 px at patch 14) leaves a remainder the patches ignore, as a stride-p conv does:
+    it is cropped off."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"{name} must be an image batch (B, C, H, W), got shape {tuple(getattr(x, 'shape', ()))}")
     (H, W), (ph, pw) = x.shape[-2:], patch_size
-    if H % ph or W % pw:
+    exact = img_size is not None and (H, W) == tuple(img_size)
+    if not exact and (H % ph or W % pw):
         raise ValueError(f"{name}'s image size {(H, W)} must be a multiple of patch_size {(ph, pw)}")
-    if img_size is not None and (H, W) != tuple(img_size):
+    if img_size is not None and not exact:
         raise ValueError(f"{name}'s image size {(H, W)} differs from img_size {tuple(img_size)}{hint}")
-    return x
+    return x[..., : H - H % ph, : W - W % pw] if H % ph or W % pw else x
 
 
 @leaf
@@ -59,3 +62,14 @@ def promote(x: torch.Tensor, *others: torch.Tensor | None) -> torch.Tensor:
         if t is not None:
             dtype = torch.promote_types(dtype, t.dtype)
     return x if dtype == x.dtype else x.to(dtype)
+
+
+@leaf
+def pad_to_patches(x: torch.Tensor, name: str, patch_size: tuple[int, int]) -> torch.Tensor:
+    """An image batch (B, C, H, W) zero-padded at the bottom / right to a multiple of ``patch_size``
+    (timm's ``dynamic_img_pad``)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"{name} must be an image batch (B, C, H, W), got shape {tuple(getattr(x, 'shape', ()))}")
+    (H, W), (ph, pw) = x.shape[-2:], patch_size
+    pad_h, pad_w = (ph - H % ph) % ph, (pw - W % pw) % pw
+    return torch.nn.functional.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x

@@ -6,13 +6,25 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from fastvit.models._image import check_image, pos_for_image, promote
+from fastvit import reference
+from fastvit.models._image import check_image, pad_to_patches, pos_for_image, promote
 from fastvit.models._pos_embed import posemb_sincos_table
-from fastvit.nn import Block, LayerNorm, PatchEmbed
+from fastvit.models.features import take_indices
+from fastvit.nn import AttentionPoolLatent, Block, LayerNorm, PatchEmbed
 
-GLOBAL_POOLS = ("", "token", "avg", "avgmax", "max")
+GLOBAL_POOLS = ("", "token", "avg", "avgmax", "max", "map")
 POS_EMBEDS = ("learn", "sincos", "none", "")
+
+
+def activation_name(act_layer) -> str:
+    """timm's ``act_layer`` (None, "gelu", "gelu_tanh", "quick_gelu" or ``nn.GELU``) as the fused MLP's activation."""
+    if act_layer is None or act_layer is nn.GELU:
+        return "gelu"
+    if isinstance(act_layer, str) and act_layer in reference.ACTIVATIONS:
+        return act_layer
+    raise _unsupported("act_layer", act_layer, (None, nn.GELU) + reference.ACTIVATIONS)
 
 
 def _unsupported(name: str, value, allowed) -> ValueError:
@@ -20,7 +32,7 @@ def _unsupported(name: str, value, allowed) -> ValueError:
 
 
 def _check_pool(global_pool: str, has_class_token: bool) -> None:
-    if global_pool in ("map", "prr"):
+    if global_pool == "prr":
         raise _unsupported("global_pool", global_pool, GLOBAL_POOLS)
     if global_pool not in GLOBAL_POOLS:
         raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
@@ -37,9 +49,14 @@ class VisionTransformer(nn.Module):
 
     ``pos_embed``: ``'learn'`` (a parameter), ``'sincos'`` (fixed 2-D sin-cos table, a buffer outside
     the state_dict; prefix tokens get zeros), ``'none'``. ``norm_eps`` is every LayerNorm's eps (timm:
-    1e-6). timm options fastvit lacks (``'map'`` pooling, patch
-    dropout, ``dynamic_img_pad``, jax/moco init) raise ValueError. Under autocast the residual stream
-    stays float32 as in timm; LayerNorm outputs follow fastvit's rule (the autocast dtype).
+    1e-6; CLIP: 1e-5); ``act_layer`` the MLPs' activation (``'gelu'``, ``'gelu_tanh'``, ``'quick_gelu'``);
+    ``global_pool='map'`` is SigLIP's attention-pool head (``attn_pool.*``); ``dynamic_img_pad`` pads the
+    image at the bottom / right to a multiple of the patch size. timm options fastvit lacks (``'prr'``
+    pooling, patch dropout, jax/moco init, custom layer classes) raise ValueError. Under autocast the
+    residual stream stays float32 as in timm; LayerNorm outputs follow fastvit's rule (the autocast dtype).
+
+    The feature API is timm's: :meth:`forward_intermediates`, :meth:`prune_intermediate_layers`,
+    ``feature_info`` (one entry per block), :meth:`set_grad_checkpointing`.
     """
 
     def __init__(
@@ -76,13 +93,10 @@ class VisionTransformer(nn.Module):
         weight_init: str = "",
         fix_init: bool = False,
         norm_eps: float = 1e-6,
+        act_layer=None,
     ):
         super().__init__()
-        for name, value, ok in (
-            ("dynamic_img_pad", dynamic_img_pad, False),
-        ):
-            if value != ok:
-                raise _unsupported(name, value, ok)
+        activation = activation_name(act_layer)
         if patch_drop_rate:
             raise _unsupported("patch_drop_rate", patch_drop_rate, 0.0)
         if weight_init not in ("", "skip"):
@@ -104,6 +118,8 @@ class VisionTransformer(nn.Module):
         self.no_embed_class = no_embed_class
         self.pool_include_prefix = pool_include_prefix
         self.dynamic_img_size = dynamic_img_size
+        self.dynamic_img_pad = dynamic_img_pad
+        self.grad_checkpointing = False
         self.pos_embed_type = "none" if pos_embed in ("", "none") else pos_embed
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, bias=not pre_norm)
@@ -126,11 +142,16 @@ class VisionTransformer(nn.Module):
             Block(
                 embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate,
                 attn_drop=attn_drop_rate, init_values=init_values, drop_path=dpr[i], eps=norm_eps, qk_norm=qk_norm,
-                proj_bias=proj_bias,
+                proj_bias=proj_bias, activation=activation,
             )
             for i in range(depth)
         ])
+        reduction = max(self.patch_embed.patch_size)
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=reduction) for i in range(depth)]
         self.norm = LayerNorm(embed_dim, eps=norm_eps) if final_norm and not use_fc_norm else nn.Identity()
+        self.attn_pool = None
+        if global_pool == "map":
+            self.attn_pool = AttentionPoolLatent(embed_dim, num_heads, mlp_ratio, eps=norm_eps, activation=activation)
         self.fc_norm = LayerNorm(embed_dim, eps=norm_eps) if final_norm and use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -175,10 +196,21 @@ class VisionTransformer(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward instead of keeping its activations (same gradients:
+        dropout and drop-path masks are replayed from the saved RNG state)."""
+        self.grad_checkpointing = enable
+
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """New head of ``num_classes`` outputs (0: identity); optionally another ``global_pool``."""
+        """New head of ``num_classes`` outputs (0: identity); optionally another ``global_pool``
+        (``'map'`` only where the model was built with it; another pool drops ``attn_pool``)."""
         if global_pool is not None:
             _check_pool(global_pool, self.has_class_token)
+            if global_pool == "map" and self.attn_pool is None:
+                raise ValueError("global_pool='map' needs the attention-pool head: build the model with global_pool='map'")
+            if global_pool != "map":
+                self.attn_pool = None
             self.global_pool = global_pool
         self.num_classes = num_classes
         ref = next(self.parameters(), None)
@@ -186,9 +218,15 @@ class VisionTransformer(nn.Module):
         self.head = nn.Linear(self.embed_dim, num_classes, **kw) if num_classes > 0 else nn.Identity()
         self.head.train(self.training)
 
+    def _prefix_params(self) -> list[torch.Tensor]:
+        """The learned tokens in front of the patches, in order."""
+        return [t for t in (self.cls_token, self.reg_token) if t is not None]
+
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         pe = self.patch_embed
         n_prefix = self.num_prefix_tokens
+        if self.dynamic_img_pad:
+            x = pad_to_patches(x, "x", pe.patch_size)
         if self.dynamic_img_size:
             x = check_image(x, "x", pe.patch_size)
             pos = pos_for_image(x, self.pos_embed, pe.patch_size, pe.grid_size, 0 if self.no_embed_class else n_prefix,
@@ -197,8 +235,8 @@ class VisionTransformer(nn.Module):
             x = check_image(x, "x", pe.patch_size, pe.img_size,
                             ": build the model with that img_size or dynamic_img_size=True")
             pos = self.pos_embed
-        prefix = [t for t in (self.cls_token, self.reg_token) if t is not None]
-        if self.cls_token is not None and self.reg_token is None and (pos is None or not self.no_embed_class):
+        params = prefix = self._prefix_params()
+        if len(prefix) == 1 and self.cls_token is not None and (pos is None or not self.no_embed_class):
             x = pe(x, pos, self.cls_token)
             prefix = []
         elif pos is not None and not self.no_embed_class and n_prefix:
@@ -209,16 +247,106 @@ class VisionTransformer(nn.Module):
         if prefix:
             x = torch.cat([t.to(x.dtype).expand(x.shape[0], -1, -1) for t in prefix] + [x], dim=1)
         # Under autocast timm's cat / add with the fp32 tokens and table promote the residual stream to fp32: keep that.
-        return self.pos_drop(promote(x, self.cls_token, self.reg_token, pos))
+        return self.pos_drop(promote(x, *params, pos))
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> tokens (B, prefix + H/p * W/p, embed_dim) after the blocks and ``norm``."""
+    def _block(self, blk: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(blk, x, mask, use_reentrant=False)
+        return blk(x, mask)
+
+    def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W) -> tokens (B, prefix + H/p * W/p, embed_dim) after the blocks and ``norm``
+        (``attn_mask``: each block's attention mask, broadcast to (B, heads, N, N), True = attend)."""
         x = self.norm_pre(self._embed(x))
-        x = self.blocks(x)
+        if self.grad_checkpointing or attn_mask is not None:
+            for blk in self.blocks:
+                x = self._block(blk, x, attn_mask)
+        else:
+            x = self.blocks(x)
         return self.norm(x)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        attn_mask: torch.Tensor | None = None,
+    ):
+        """timm's feature API. x: (B, C, H, W) -> (final tokens after ``norm``, [block outputs]), or only
+        the list with ``intermediates_only``, or a dict (``image_features``, ``image_intermediates``,
+        ``image_intermediates_prefix``) with ``output_dict``.
+
+        ``indices``: the last n blocks (int), these blocks (sequence, negative from the end), all (None).
+        Each intermediate is (B, D, gh, gw) (``output_fmt='NCHW'``) or (B, gh * gw, D) (``'NLC'``), the
+        prefix tokens split off ((B, prefix, D) pairs with ``return_prefix_tokens``); ``norm`` applies
+        the final norm to each; ``stop_early`` skips the blocks after the last one taken.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, max_index = take_indices(len(self.blocks), indices)
+        B, _, height, width = x.shape
+        ph, pw = self.patch_embed.patch_size
+        if self.dynamic_img_pad:
+            gh, gw = -(-height // ph), -(-width // pw)
+        else:
+            gh, gw = height // ph, width // pw
+        x = self.norm_pre(self._embed(x))
+        blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
+        intermediates = []
+        for i, blk in enumerate(blocks):
+            x = self._block(blk, x, attn_mask)
+            if i in take:
+                intermediates.append(self.norm(x) if norm else x)
+        n = self.num_prefix_tokens
+        prefix = [y[:, :n] for y in intermediates] if n else None
+        intermediates = [y[:, n:] for y in intermediates]
+        if output_fmt == "NCHW":
+            intermediates = [y.reshape(B, gh, gw, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if output_dict:
+            out = {"image_intermediates": intermediates}
+            if prefix is not None and return_prefix_tokens:
+                out["image_intermediates_prefix"] = prefix
+            if not intermediates_only:
+                out["image_features"] = self.norm(x)
+            return out
+        if return_prefix_tokens and prefix is not None:
+            intermediates = list(zip(intermediates, prefix))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def get_intermediate_layers(
+        self, x: torch.Tensor, n: int | list[int] | tuple[int, ...] = 1, reshape: bool = False,
+        return_prefix_tokens: bool = False, norm: bool = False, attn_mask: torch.Tensor | None = None,
+    ) -> list:
+        """DINO's interface: :meth:`forward_intermediates` of blocks ``n``, NCHW when ``reshape``."""
+        return self.forward_intermediates(x, n, return_prefix_tokens=return_prefix_tokens, norm=norm,
+                                          output_fmt="NCHW" if reshape else "NLC", intermediates_only=True,
+                                          attn_mask=attn_mask)
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] | tuple[int, ...] = 1, prune_norm: bool = False, prune_head: bool = True,
+    ) -> list[int]:
+        """Drop the blocks after the last of ``indices`` (and the final norm / the head); returns the kept
+        indices, counted from the first block."""
+        take, max_index = take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, "")
+        return take
 
     def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
         """(B, N, D) -> (B, D) by ``global_pool`` (or ``pool_type``); ``''`` returns x unchanged."""
+        if self.attn_pool is not None:
+            return self.attn_pool(x)
         pool_type = self.global_pool if pool_type is None else pool_type
         if not pool_type:
             return x
@@ -240,3 +368,75 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+class VisionTransformerDistilled(VisionTransformer):
+    """DeiT with a distillation token (Touvron et al.), timm's ``VisionTransformerDistilled``: the tokens
+    ``cls_token``, ``dist_token`` lead, the position table covers both, and ``head`` / ``head_dist`` read
+    them. x: (B, C, H, W) -> the mean of both heads' logits (B, num_classes); in training after
+    ``set_distilled_training(True)``, both as a tuple (for the distillation loss)."""
+
+    def __init__(self, *args, **kwargs):
+        weight_init = kwargs.pop("weight_init", "")
+        super().__init__(*args, **kwargs, weight_init="skip")
+        if self.global_pool != "token" or not self.has_class_token or self.num_reg_tokens:
+            raise ValueError("the distilled DeiT needs global_pool='token', class_token=True and no reg_tokens: "
+                             "its heads read the class and distillation tokens")
+        self.num_prefix_tokens = 2
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+        if self.pos_embed_type != "learn":
+            raise _unsupported("pos_embed", self.pos_embed_type, "learn")
+        embed_len = self.patch_embed.num_patches + (0 if self.no_embed_class else 2)
+        self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, self.embed_dim))
+        self.head_dist = nn.Linear(self.embed_dim, self.num_classes) if self.num_classes > 0 else nn.Identity()
+        self.distilled_training = False
+        if weight_init != "skip":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """timm's init, and the distillation token truncated normal (std 0.02)."""
+        nn.init.trunc_normal_(self.dist_token, std=0.02)
+        super().init_weights()
+
+    def _prefix_params(self) -> list[torch.Tensor]:
+        return [self.cls_token, self.dist_token]
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token", "dist_token"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^cls_token|pos_embed|patch_embed|dist_token",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_distilled_training(self, enable: bool = True) -> None:
+        """In training, return (class-head logits, distillation-head logits) instead of their mean."""
+        self.distilled_training = enable
+
+    def get_classifier(self) -> tuple[nn.Module, nn.Module]:
+        return self.head, self.head_dist
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """New ``head`` and ``head_dist`` of ``num_classes`` outputs (0: identity)."""
+        if global_pool not in (None, "", "token"):
+            raise ValueError(f"the distilled DeiT reads the class and distillation tokens: global_pool must be "
+                             f"'token', got {global_pool!r}")
+        super().reset_classifier(num_classes)
+        ref = next(self.parameters(), None)
+        kw = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+        self.head_dist = nn.Linear(self.embed_dim, num_classes, **kw) if num_classes > 0 else nn.Identity()
+        self.head_dist.train(self.training)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
+        """Tokens (B, N, D) -> the heads' mean logits (B, num_classes) (a tuple in distilled training),
+        or the mean of both tokens (B, D) with ``pre_logits``."""
+        x, x_dist = self.head_drop(x[:, 0]), self.head_drop(x[:, 1])
+        if pre_logits:
+            return (x + x_dist) / 2
+        x, x_dist = self.head(x), self.head_dist(x_dist)
+        if self.distilled_training and self.training:
+            return x, x_dist
+        return (x + x_dist) / 2

@@ -8,6 +8,7 @@ from torch import nn
 from fastvit import ops
 from fastvit.ops import _checks as check
 from fastvit._torchscript import not_scriptable
+from fastvit.nn.mlp import LayerNorm, Mlp
 
 
 class Attention(nn.Module):
@@ -45,8 +46,6 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
         self.qk_norm = qk_norm
         if qk_norm:  # timm's qk_norm: a LayerNorm over each head's q and k (keys attn.q_norm, attn.k_norm)
-            from fastvit.nn.mlp import LayerNorm
-
             self.q_norm = LayerNorm(head_dim, eps=norm_eps)
             self.k_norm = LayerNorm(head_dim, eps=norm_eps)
         self.attn_drop = nn.Dropout(attn_drop)
@@ -64,3 +63,63 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
         o = ops.attention(self.q_norm(q), self.k_norm(k), v, mask=mask, scale=self.scale, dropout_p=p)
         return self.proj_drop(self.proj(o.transpose(1, 2).reshape(B, N, H * D)))
+
+
+class AttentionPoolLatent(nn.Module):
+    """timm's attention-pool head (``global_pool='map'``, SigLIP): a learned latent query attends to all
+    tokens, then a LayerNorm + MLP residual. x: (B, N, dim) -> (B, dim) (``pool='token'``) or
+    (B, latent_len, dim) (``pool=''``).
+
+    Keys as timm's ``AttentionPoolLatent``: ``latent``, ``q``, ``kv``, ``proj``, ``norm``, ``mlp.fc1``,
+    ``mlp.fc2``. The attention is :func:`fastvit.ops.attention` (latent_len queries against N keys) and
+    the MLP half one :func:`fastvit.ops.layernorm_mlp` call with the residual fused.
+    """
+
+    __prepare_scriptable__ = not_scriptable  # TorchScript: one clear error (fastvit/_torchscript.py)
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        latent_len: int = 1,
+        pool: str = "token",
+        eps: float = 1e-6,
+        activation: str = "gelu",
+        drop: float = 0.0,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        if pool not in ("token", "avg", ""):
+            raise ValueError(f"pool must be 'token', 'avg' or '', got {pool!r}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.latent_len = latent_len
+        self.pool = pool
+        self.latent = nn.Parameter(torch.zeros(1, latent_len, dim))
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(drop)
+        self.norm = LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), activation=activation)
+        nn.init.trunc_normal_(self.latent, std=dim**-0.5, a=-2 * dim**-0.5, b=2 * dim**-0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = check.last_dim(x, self.kv.in_features, "kv.weight")
+        B, N, C = x.shape
+        H, D, L = self.num_heads, self.head_dim, self.latent_len
+        q = self.q(self.latent).reshape(1, L, H, D).transpose(1, 2).expand(B, -1, -1, -1)  # one query set for all
+        k, v = self.kv(x).reshape(B, N, 2, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        o = ops.attention(q, k, v).transpose(1, 2).reshape(B, L, C)
+        x = self.proj_drop(self.proj(o))
+        n, fc1, fc2 = self.norm, self.mlp.fc1, self.mlp.fc2
+        x = ops.layernorm_mlp(x, n.weight, n.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, n.eps, residual=x,
+                              activation=self.mlp.activation)
+        if self.pool == "token":
+            return x[:, 0]
+        if self.pool == "avg":
+            return x.mean(1)
+        return x

@@ -48,7 +48,8 @@ class Block(nn.Module):
     """x + attn(norm1(x)), then x + mlp(norm2(x)). x: (B, N, dim) -> (B, N, dim).
 
     Keys as timm's ``Block`` (``norm1``, ``attn.qkv``, ``attn.proj``, ``ls1.gamma``, ``norm2``,
-    ``mlp.fc1``, ``mlp.fc2``, ``ls2.gamma``). The second half is one :func:`fastvit.ops.layernorm_mlp`
+    ``mlp.fc1``, ``mlp.fc2``, ``ls2.gamma``); ``activation`` is the MLP's ("gelu", "gelu_tanh",
+    "quick_gelu"). The second half is one :func:`fastvit.ops.layernorm_mlp`
     call with the residual fused, except where layer scale or active drop path sit in between.
     """
 
@@ -70,6 +71,7 @@ class Block(nn.Module):
         mlp_hidden_dim: int | None = None,
         qk_norm: bool = False,
         proj_bias: bool = True,
+        activation: str = "gelu",
     ):
         super().__init__()
         self.norm1 = LayerNorm(dim, eps=eps)
@@ -78,7 +80,8 @@ class Block(nn.Module):
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, mlp_hidden_dim or int(dim * mlp_ratio), bias=proj_bias, drop=proj_drop)
+        self.mlp = Mlp(dim, mlp_hidden_dim or int(dim * mlp_ratio), bias=proj_bias, drop=proj_drop,
+                       activation=activation)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 
@@ -87,7 +90,7 @@ class Block(nn.Module):
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), mask)))
         n, fc1, fc2 = self.norm2, self.mlp.fc1, self.mlp.fc2
         args = (n.weight, n.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, n.eps)
-        p = self.mlp.drop.p if self.training else 0.0
+        kw = dict(dropout_p=self.mlp.drop.p if self.training else 0.0, activation=self.mlp.activation)
         if isinstance(self.ls2, nn.Identity) and (self.drop_path2.p == 0.0 or not self.training):
-            return ops.layernorm_mlp(x, *args, residual=x, dropout_p=p)
-        return x + self.drop_path2(self.ls2(ops.layernorm_mlp(x, *args, dropout_p=p)))
+            return ops.layernorm_mlp(x, *args, residual=x, **kw)
+        return x + self.drop_path2(self.ls2(ops.layernorm_mlp(x, *args, **kw)))

@@ -15,7 +15,8 @@ class PatchEmbed(nn.Module):
 
     x: (B, C, H, W) -> (B, H/p * W/p (+1), embed_dim). ``forward`` optionally puts a cls token in
     front and adds a position embedding in the same op. H and W may differ from ``img_size`` as long
-    as they are multiples of the patch size (the position embedding must then match).
+    as they are multiples of the patch size (the position embedding must then match). An ``img_size``
+    that is not a multiple gives the floor grid, as timm (the models crop the remainder).
     """
 
     __prepare_scriptable__ = not_scriptable  # TorchScript: one clear error (fastvit/_torchscript.py)
@@ -24,8 +25,6 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.img_size = pair("img_size", img_size, minimum=1)
         self.patch_size = pair("patch_size", patch_size, minimum=1)
-        if self.img_size[0] % self.patch_size[0] or self.img_size[1] % self.patch_size[1]:
-            raise ValueError(f"img_size {self.img_size} must be a multiple of patch_size {self.patch_size}")
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)

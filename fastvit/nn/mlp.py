@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastvit import ops
+from fastvit import ops, reference
 from fastvit.ops import _checks as check
 from fastvit._torchscript import not_scriptable
 
@@ -25,7 +25,8 @@ class LayerNorm(nn.LayerNorm):
 
 
 class Mlp(nn.Module):
-    """timm's ``Mlp`` parameters (``fc1``, ``fc2``) and meaning: fc2(drop(gelu(fc1(x)))), then drop.
+    """timm's ``Mlp`` parameters (``fc1``, ``fc2``) and meaning: fc2(drop(act(fc1(x)))), then drop, with
+    ``activation`` one of :func:`fastvit.ops.layernorm_mlp`'s ("gelu", "gelu_tanh", "quick_gelu").
 
     Blocks call :func:`fastvit.ops.layernorm_mlp` with these parameters and the preceding
     LayerNorm's, so the norm, both GEMMs and the residual run as one op; ``forward`` alone is
@@ -34,14 +35,23 @@ class Mlp(nn.Module):
 
     __prepare_scriptable__ = not_scriptable  # TorchScript: one clear error (fastvit/_torchscript.py)
 
-    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None, bias: bool = True, drop: float = 0.0):
+    def __init__(
+        self, in_features: int, hidden_features: int, out_features: int | None = None, bias: bool = True,
+        drop: float = 0.0, activation: str = "gelu",
+    ):
         super().__init__()
+        if activation not in reference.ACTIVATIONS:
+            raise ValueError(f"activation must be one of {reference.ACTIVATIONS}, got {activation!r}")
+        self.activation = activation
         self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
         self.fc2 = nn.Linear(hidden_features, out_features or in_features, bias=bias)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(nn.functional.gelu(self.fc1(x)))))
+        return self.drop(self.fc2(self.drop(reference.apply_activation(self.fc1(x), self.activation))))
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
 
 
 class LayerNormMLP(nn.Module):

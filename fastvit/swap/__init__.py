@@ -3,6 +3,7 @@
 What is recognised, and what its forward becomes (``fastvit.ops``):
 
 - timm ``PatchEmbed``: ``patch_embed`` (size checks, dynamic padding, ``output_fmt`` and ``norm`` as timm);
+- timm ``HybridEmbed`` (hybrid CNN-stem ViTs): the backbone as it is, then ``patch_embed`` on its feature map;
 - timm ``Attention``: ``attention_qkvpacked`` on the qkv projection's output (``attention`` on the
   normalised q, k with ``qk_norm``); ``scale_norm`` and the gate applied to the op's output as timm does;
 - timm ``Block``: ``norm2`` + ``Mlp`` as one ``layernorm_mlp`` call (exact GELU, tanh GELU or QuickGELU
@@ -62,7 +63,7 @@ from fastvit.swap.core import (
     restore,
 )
 from fastvit.swap.t2t_vit import _is_official_t2t_module, _SoftSplit, _T2TAttention, _T2TBlock, _TokenPerformer
-from fastvit.swap.timm import _TimmAttention, _TimmAttentionPool, _TimmBlock, _TimmPatchEmbed
+from fastvit.swap.timm import _TimmAttention, _TimmAttentionPool, _TimmBlock, _TimmHybridEmbed, _TimmPatchEmbed
 from fastvit.swap.vit_pytorch import (
     _is_vitp_soft_split,
     _VitpAttention,
@@ -77,7 +78,7 @@ logger = logging.getLogger("fastvit")
 
 # Recognised kinds, most specific first.
 _MIXINS: tuple[type, ...] = (
-    _TimmBlock, _TimmAttention, _TimmPatchEmbed, _TimmAttentionPool,
+    _TimmBlock, _TimmAttention, _TimmPatchEmbed, _TimmHybridEmbed, _TimmAttentionPool,
     _VitpTransformer, _VitpAttention, _VitpFeedForward, _VitpPatchEmbedding,
     _TokenPerformer, _T2TBlock, _T2TAttention,
     _SoftSplit, _LayerNorm,

@@ -426,6 +426,8 @@ class _Env:
         self.timm_block = _classes(_attr(tv, "Block"))
         self.timm_mlp = _classes(_attr("timm.layers.mlp", "Mlp"))
         self.timm_patch_embed = _classes(_attr("timm.layers.patch_embed", "PatchEmbed"))
+        self.timm_hybrid_embed = _classes(_attr("timm.layers.hybrid_embed", "HybridEmbed"),
+                                          _attr("timm.models.vision_transformer_hybrid", "HybridEmbed"))
         self.timm_attention_pool = _classes(_attr("timm.layers.attention_pool", "AttentionPoolLatent"))
         self.timm_gelu = _classes(_attr("timm.layers.activations", "GELU"))
         self.timm_gelu_tanh = _classes(_attr("timm.layers.activations", "GELUTanh"))

@@ -36,6 +36,7 @@ _TIMM_ATTENTION_NEEDS = ("qkv", "num_heads", "head_dim", "q_norm", "k_norm", "fu
                          "proj_drop")
 _TIMM_BLOCK_ATTRS = {"norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"}
 _TIMM_MLP_ATTRS = {"fc1", "act", "drop1", "norm", "fc2", "drop2"}
+_TIMM_HYBRID_EMBED_ATTRS = {"backbone", "dynamic_img_pad", "patch_size", "proj", "flatten", "output_fmt"}
 _TIMM_PATCH_EMBED_ATTRS = {
     "img_size", "strict_img_size", "patch_size", "dynamic_img_pad", "proj", "flatten", "output_fmt", "norm",
 }
@@ -210,6 +211,47 @@ class _TimmBlock(_MlpBlock):
 _FORMATS = ("NCHW", "NHWC", "NCL", "NLC")
 
 
+def _patch_conv_reason(m) -> str | None:
+    """Why ``m.proj`` is not a plain patch projection (a Conv2d with kernel = stride = ``m.patch_size``)."""
+    proj = m.proj
+    if _orig_type(proj) is not nn.Conv2d:
+        return f"proj is {type(proj).__name__}, not nn.Conv2d"
+    k = tuple(proj.kernel_size)
+    if tuple(proj.stride) != k or tuple(m.patch_size) != k:
+        return f"proj's kernel {k} / stride {tuple(proj.stride)} differ from the patch size {tuple(m.patch_size)}"
+    if isinstance(proj.padding, str) or tuple(proj.padding) != (0, 0) or tuple(proj.dilation) != (1, 1) \
+            or proj.groups != 1 or proj.padding_mode != "zeros":
+        return "proj has padding, dilation or groups: not a plain patch projection"
+    return None
+
+
+def _format_reason(m) -> str | None:
+    if not m.flatten and getattr(m.output_fmt, "value", m.output_fmt) not in _FORMATS:
+        return f"output_fmt {m.output_fmt!r} is not one fastvit knows"
+    return None
+
+
+def _embed_patches(m, x: torch.Tensor) -> torch.Tensor:
+    """timm's dynamic padding, then ``m.proj`` as ops.patch_embed, in ``m``'s output format. x: (B, C, H, W)."""
+    B, _, H, W = x.shape
+    ph, pw = m.patch_size
+    if getattr(m, "dynamic_img_pad", False):
+        x = F.pad(x, (0, (pw - W % pw) % pw, 0, (ph - H % ph) % ph))
+    gh, gw = x.shape[-2] // ph, x.shape[-1] // pw
+    x = x[..., : gh * ph, : gw * pw]  # a stride-p conv ignores the remainder (a no-op view when none)
+    with _Pin(m._fastvit_backend):
+        y = ops.patch_embed(x, m.proj.weight, m.proj.bias, (ph, pw))  # (B, gh * gw, D)
+    if not m.flatten:
+        fmt = getattr(m.output_fmt, "value", m.output_fmt)
+        if fmt == "NCHW":
+            y = y.transpose(1, 2).reshape(B, -1, gh, gw)
+        elif fmt == "NHWC":
+            y = y.reshape(B, gh, gw, -1)
+        elif fmt == "NCL":
+            y = y.transpose(1, 2)
+    return y
+
+
 class _TimmPatchEmbed(_Swapped):
     """timm ``PatchEmbed``: size checks and dynamic padding as timm, then the conv as ops.patch_embed,
     then ``output_fmt`` and ``norm``."""
@@ -217,18 +259,7 @@ class _TimmPatchEmbed(_Swapped):
     _fv_kind, _fv_label, _fv_flag = "timm_patch_embed", "timm PatchEmbed", "embed"
     _fv_classes = "timm_patch_embed"
 
-    @staticmethod
-    def _fv_conv_reason(m) -> str | None:
-        proj = m.proj
-        if _orig_type(proj) is not nn.Conv2d:
-            return f"proj is {type(proj).__name__}, not nn.Conv2d"
-        k = tuple(proj.kernel_size)
-        if tuple(proj.stride) != k or tuple(m.patch_size) != k:
-            return f"proj's kernel {k} / stride {tuple(proj.stride)} differ from the patch size {tuple(m.patch_size)}"
-        if isinstance(proj.padding, str) or tuple(proj.padding) != (0, 0) or tuple(proj.dilation) != (1, 1) \
-                or proj.groups != 1 or proj.padding_mode != "zeros":
-            return "proj has padding, dilation or groups: not a plain patch projection"
-        return None
+    _fv_conv_reason = staticmethod(_patch_conv_reason)
 
     @classmethod
     def _fv_why_not(cls, m, ctx):
@@ -236,12 +267,7 @@ class _TimmPatchEmbed(_Swapped):
             or _missing_attrs(m, ("img_size", "patch_size", "proj", "flatten", "output_fmt", "norm"))
         if reason:
             return reason
-        reason = cls._fv_conv_reason(m)
-        if reason:
-            return reason
-        if not m.flatten and getattr(m.output_fmt, "value", m.output_fmt) not in _FORMATS:
-            return f"output_fmt {m.output_fmt!r} is not one fastvit knows"
-        return None
+        return cls._fv_conv_reason(m) or _format_reason(m)
 
     @classmethod
     def _fv_describe(cls, m, ctx):
@@ -253,7 +279,7 @@ class _TimmPatchEmbed(_Swapped):
     def forward(self, x):
         if not self._fv_intact() or self._fv_conv_reason(self) is not None:
             return type(self)._fastvit_base.forward(self, x)
-        B, C, H, W = x.shape
+        H, W = x.shape[-2:]
         ph, pw = self.patch_size
         if self.img_size is not None:
             if getattr(self, "strict_img_size", True):
@@ -262,23 +288,36 @@ class _TimmPatchEmbed(_Swapped):
             elif not getattr(self, "dynamic_img_pad", False):
                 torch._assert(H % ph == 0, f"Input height ({H}) should be divisible by patch size ({ph}).")
                 torch._assert(W % pw == 0, f"Input width ({W}) should be divisible by patch size ({pw}).")
-        if getattr(self, "dynamic_img_pad", False):
-            pad_h = (ph - H % ph) % ph
-            pad_w = (pw - W % pw) % pw
-            x = F.pad(x, (0, pad_w, 0, pad_h))
-        gh, gw = x.shape[-2] // ph, x.shape[-1] // pw
-        x = x[..., : gh * ph, : gw * pw]  # a stride-p conv ignores the remainder (a no-op view when none)
-        with _Pin(self._fastvit_backend):
-            y = ops.patch_embed(x, self.proj.weight, self.proj.bias, (ph, pw))  # (B, gh * gw, D)
-        if not self.flatten:
-            fmt = getattr(self.output_fmt, "value", self.output_fmt)
-            if fmt == "NCHW":
-                y = y.transpose(1, 2).reshape(B, -1, gh, gw)
-            elif fmt == "NHWC":
-                y = y.reshape(B, gh, gw, -1)
-            elif fmt == "NCL":
-                y = y.transpose(1, 2)
-        return self.norm(y)
+        return self.norm(_embed_patches(self, x))
+
+
+class _TimmHybridEmbed(_Swapped):
+    """timm ``HybridEmbed`` (the hybrid ViTs): the CNN backbone as it is, then its feature map's patch
+    projection as ops.patch_embed (a 1x1 conv is patch size 1), in timm's output format."""
+
+    _fv_kind, _fv_label, _fv_flag = "timm_hybrid_embed", "timm HybridEmbed", "embed"
+    _fv_classes = "timm_hybrid_embed"
+
+    @classmethod
+    def _fv_why_not(cls, m, ctx):
+        reason = _unknown_attrs(type(m), "forward", _TIMM_HYBRID_EMBED_ATTRS) \
+            or _missing_attrs(m, ("backbone", "patch_size", "proj", "flatten", "output_fmt"))
+        return reason or _patch_conv_reason(m) or _format_reason(m)
+
+    @classmethod
+    def _fv_describe(cls, m, ctx):
+        return "backbone, then ops.patch_embed"
+
+    def _fv_parts(self):
+        return (self.proj,)
+
+    def forward(self, x):
+        if not self._fv_intact() or _patch_conv_reason(self) is not None:
+            return type(self)._fastvit_base.forward(self, x)
+        x = self.backbone(x)
+        if isinstance(x, (list, tuple)):
+            x = x[-1]  # the last feature map of a multi-output backbone
+        return _embed_patches(self, x)
 
 
 class _TimmAttentionPool(_Swapped):
