@@ -55,6 +55,22 @@ def norm_eps(model: torch.nn.Module) -> dict[str, float]:
     return {n: m.eps for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
 
 
+def activations(model: torch.nn.Module) -> list[str]:
+    """Each MLP's activation, by the fused op's names (timm: its act module; fastvit: Mlp.activation)."""
+    names = {"GELU": "gelu", "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu"}
+    out = []
+    for m in model.modules():
+        if hasattr(m, "fc1") and hasattr(m, "fc2"):
+            act = getattr(m, "act", None)
+            if act is None:
+                out.append(m.activation)
+            elif type(act).__name__ == "GELU" and getattr(act, "approximate", "none") == "tanh":
+                out.append("gelu_tanh")
+            else:
+                out.append(names[type(act).__name__])
+    return out
+
+
 def drop_rates(model: torch.nn.Module) -> dict[str, float]:
     """Every dropout / drop-path rate by a name common to timm and fastvit (timm's mlp.drop1 = mlp.drop)."""
     out = {}
@@ -93,6 +109,19 @@ TIMM_CASES = [
         img_size=32, depth=2, num_classes=7, drop_rate=0.1, pos_drop_rate=0.1, proj_drop_rate=0.1, attn_drop_rate=0.1,
         drop_path_rate=0.1,
     )),
+    ("vit_tiny_patch16_224", dict(img_size=40, depth=2)),  # not a multiple of the patch: floor grid, as timm
+    # the families people fine-tune, at depth 2 and a small image
+    ("deit_tiny_distilled_patch16_224", dict(img_size=32, depth=2)),
+    ("vit_small_patch14_dinov2", dict(img_size=28, depth=2)),
+    ("vit_small_patch14_reg4_dinov2", dict(img_size=28, depth=2)),
+    ("vit_base_patch16_clip_224", dict(img_size=32, depth=2)),
+    ("vit_base_patch32_clip_quickgelu_224", dict(img_size=64, depth=2)),
+    ("vit_base_patch16_siglip_224", dict(img_size=32, depth=2)),
+    ("vit_base_patch32_siglip_256", dict(img_size=64, depth=2)),
+    ("vit_so400m_patch14_siglip_384", dict(img_size=44, depth=2)),  # head dim 72, 44 px at patch 14
+    ("vit_base_patch16_siglip_gap_224", dict(img_size=32, depth=2)),
+    ("vit_tiny_r_s16_p8_224", dict(img_size=64, depth=2)),
+    ("vit_tiny_patch16_224", dict(img_size=40, depth=2, dynamic_img_size=True, dynamic_img_pad=True)),
 ]
 
 
@@ -138,6 +167,171 @@ def test_qk_norm_and_no_proj_bias_on_triton_match_timm():
             assert p.grad.abs().max().item() <= RTOL * largest, n
             continue
         assert_close(p.grad, ref_grads[n].grad, f"grad of {n} on triton")
+
+
+FAMILY_CASES = [
+    ("deit_tiny_distilled_patch16_224", dict(img_size=32, embed_dim=64, num_heads=2)),
+    ("vit_small_patch14_reg4_dinov2", dict(img_size=28, embed_dim=96, num_heads=2)),  # head dim 48
+    ("vit_base_patch16_clip_quickgelu_224", dict(img_size=32, embed_dim=64, num_heads=4)),
+    ("vit_base_patch32_siglip_256", dict(img_size=64, embed_dim=64, num_heads=2)),  # map head, tanh GELU
+    ("vit_so400m_patch14_siglip_224", dict(img_size=28, embed_dim=144, num_heads=2, mlp_ratio=2.0)),  # head dim 72
+]
+
+
+@pytest.mark.parametrize("name,kwargs", FAMILY_CASES, ids=[n for n, _ in FAMILY_CASES])
+def test_families_on_triton_match_timm(name, kwargs):
+    """Each family's fastvit model on the Triton backend (the interpreter here): logits and every
+    parameter's gradient against timm's model with the same weights."""
+    kwargs = dict(kwargs, depth=2)
+    ref = randomize(timm.create_model(name, **kwargs)).eval()
+    model = create_model(name, **kwargs).eval()
+    model.load_state_dict(ref.state_dict())
+    x = image(2, kwargs["img_size"])
+    with fastvit.use_backend("triton"):
+        out = model(x)
+        out.square().sum().backward()
+    expected = ref(x)
+    expected.square().sum().backward()
+    assert_close(out, expected, "logits on triton")
+    ref_grads = dict(ref.named_parameters())
+    for n, p in model.named_parameters():
+        assert_close(p.grad, ref_grads[n].grad, f"grad of {n} on triton")
+
+
+INTERMEDIATE_CASES = [
+    ("vit_small_patch14_reg4_dinov2", dict(img_size=28, depth=4)),
+    ("deit_tiny_distilled_patch16_224", dict(img_size=(32, 48), depth=3)),
+    ("vit_base_patch16_siglip_224", dict(img_size=32, depth=3, embed_dim=64, num_heads=2)),
+    ("vit_tiny_patch16_224", dict(img_size=40, depth=3, dynamic_img_size=True, dynamic_img_pad=True)),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", INTERMEDIATE_CASES, ids=[n for n, _ in INTERMEDIATE_CASES])
+def test_forward_intermediates_match_timm(name, kwargs):
+    ref = randomize(timm.create_model(name, **kwargs)).eval()
+    model = create_model(name, **kwargs).eval()
+    model.load_state_dict(ref.state_dict())
+    x = image(2, (40, 56) if kwargs.get("dynamic_img_pad") else kwargs["img_size"])
+    options = [
+        dict(), dict(indices=2, norm=True), dict(indices=[0, -1], output_fmt="NLC", return_prefix_tokens=True),
+        dict(indices=[1], stop_early=True, intermediates_only=True), dict(indices=[0, 1], output_dict=True),
+        dict(indices=1, output_dict=True, return_prefix_tokens=True, intermediates_only=True, output_fmt="NLC"),
+    ]
+    with torch.no_grad():
+        for opts in options:
+            out, expected = model.forward_intermediates(x, **opts), ref.forward_intermediates(x, **opts)
+            flat, flat_ref = torch.utils._pytree.tree_flatten(out), torch.utils._pytree.tree_flatten(expected)
+            assert flat[1] == flat_ref[1], f"{opts}: structure {flat[1]} vs {flat_ref[1]}"
+            for i, (a, b) in enumerate(zip(flat[0], flat_ref[0])):
+                assert_close(a, b, f"forward_intermediates({opts}) leaf {i}")
+        for a, b in zip(model.get_intermediate_layers(x, 2, reshape=True), ref.get_intermediate_layers(x, 2, reshape=True)):
+            assert_close(a, b, "get_intermediate_layers")
+
+
+@pytest.mark.parametrize("out_indices", [(1, 3), 2, None])
+def test_features_only_matches_timm(out_indices):
+    name, kwargs = "vit_small_patch14_dinov2", dict(img_size=28, depth=4)
+    if out_indices is not None:
+        kwargs["out_indices"] = out_indices
+    ref = randomize(timm.create_model(name, features_only=True, **kwargs)).eval()
+    model = create_model(name, features_only=True, **kwargs).eval()
+    model.load_state_dict(ref.state_dict())  # same keys (model.*): the same blocks pruned
+    assert model.feature_info.channels() == ref.feature_info.channels()
+    assert model.feature_info.reduction() == ref.feature_info.reduction()
+    assert model.feature_info.module_name() == ref.feature_info.module_name()
+    assert model.pretrained_cfg["architecture"] == name
+    x = image(2, 28)
+    with torch.no_grad():
+        out, expected = model(x), ref(x)
+    assert len(out) == len(expected)
+    for a, b in zip(out, expected):
+        assert_close(a, b, "features")
+
+
+def test_feature_getter_options_match_timm():
+    from timm.models._features import FeatureGetterNet as TimmGetter
+
+    from fastvit.models.features import FeatureGetterNet
+
+    ref = randomize(timm.create_model("vit_small_patch14_reg4_dinov2", img_size=28, depth=4)).eval()
+    model = create_model("vit_small_patch14_reg4_dinov2", img_size=28, depth=4).eval()
+    model.load_state_dict(ref.state_dict())
+    ref, model = TimmGetter(ref, [0, 2], output_fmt="NLC", norm=True), FeatureGetterNet(model, [0, 2], "NLC", norm=True)
+    assert list(model.state_dict()) == list(ref.state_dict())
+    x = image(2, 28)
+    with torch.no_grad():
+        for a, b in zip(model(x), ref(x)):
+            assert_close(a, b, "normed NLC features")
+
+
+def test_prune_intermediate_layers_like_timm():
+    ref = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=4)
+    model = create_model("vit_tiny_patch16_224", img_size=32, depth=4)
+    assert model.prune_intermediate_layers([0, -2]) == ref.prune_intermediate_layers([0, -2]) == [0, 2]
+    assert list(model.state_dict()) == list(ref.state_dict())
+    tokens = torch.randn(1, 5, 192)
+    assert model.num_classes == 0 and model.global_pool == ref.global_pool == ""
+    assert torch.equal(model.forward_head(tokens), ref.forward_head(tokens))  # no head, no pooling: the tokens
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_grad_checkpointing_same_gradients(backend):
+    """set_grad_checkpointing recomputes each block in the backward: the same logits and gradients,
+    with dropout and drop-path masks replayed from the saved RNG state."""
+    kwargs = dict(img_size=32, depth=3, num_classes=5, proj_drop_rate=0.1, attn_drop_rate=0.1, drop_path_rate=0.2)
+    plain = create_model("vit_tiny_patch16_224", **kwargs).train()
+    ckpt = create_model("vit_tiny_patch16_224", **kwargs).train()
+    ckpt.load_state_dict(plain.state_dict())
+    ckpt.set_grad_checkpointing()
+    x = image(2, 32)
+    with fastvit.use_backend(backend):
+        torch.manual_seed(3)
+        expected = plain(x)
+        torch.manual_seed(3)
+        out = ckpt(x)
+        assert torch.equal(out, expected)
+        expected.square().sum().backward()
+        out.square().sum().backward()
+    grads = dict(plain.named_parameters())
+    for n, p in ckpt.named_parameters():
+        assert torch.allclose(p.grad, grads[n].grad, rtol=1e-5, atol=1e-7), n
+
+
+def test_distilled_training_returns_both_heads():
+    kwargs = dict(img_size=32, depth=2, num_classes=6)
+    ref = randomize(timm.create_model("deit_tiny_distilled_patch16_224", **kwargs))
+    model = create_model("deit_tiny_distilled_patch16_224", **kwargs)
+    model.load_state_dict(ref.state_dict())
+    x = image(2, 32)
+    for m in (ref, model):
+        m.set_distilled_training(True)
+        m.train()
+    out, expected = model(x), ref(x)
+    assert isinstance(out, tuple) and len(out) == 2
+    for a, b in zip(out, expected):
+        assert_close(a, b, "distilled training heads")
+    model.eval()
+    assert model(x).shape == (2, 6)  # eval: the mean of both heads
+    assert model.get_classifier() == (model.head, model.head_dist)
+    model.reset_classifier(3)
+    assert model(x).shape == (2, 3) and model.head_dist.out_features == 3
+    with pytest.raises(ValueError, match="distillation"):
+        model.reset_classifier(3, "avg")
+
+
+def test_t2t_vit_feature_api():
+    """T2T-ViT has the same feature API: the last block's normed output is forward_features' patch tokens."""
+    model = create_model("t2t_vit_7", img_size=32, num_classes=0).eval()
+    assert model.pretrained_cfg["input_size"] == (3, 224, 224) and model.pretrained_cfg["mean"][0] == 0.485
+    x = image(2, 32)
+    with torch.no_grad():
+        final, (last,) = model.forward_intermediates(x, indices=1, norm=True)
+        assert_close(final, model.forward_features(x), "final tokens")
+        assert last.shape == (2, 256, 2, 2)
+        assert_close(last.flatten(2).transpose(1, 2), final[:, 1:], "last block, NCHW")
+    features = create_model("t2t_vit_7", img_size=32, features_only=True, out_indices=(1, 3))
+    assert len(features.model.blocks) == 4 and features.feature_info.reduction() == [16, 16]
+    assert [tuple(f.shape) for f in features(x)] == [(2, 256, 2, 2)] * 2
 
 
 def test_timm_training_mode_same_seed_same_logits_and_grads():
@@ -220,6 +414,10 @@ def test_registry_matches_timm(name):
     assert (model.num_classes, model.patch_embed.img_size, model.global_pool, model.no_embed_class) == (
         ref.num_classes, ref.patch_embed.img_size, ref.global_pool, ref.no_embed_class)
     assert norm_eps(model) == norm_eps(ref)
+    assert activations(model) == activations(ref)
+    keys = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std", "num_classes", "first_conv", "classifier")
+    assert {k: model.pretrained_cfg[k] for k in keys} == {k: ref.pretrained_cfg[k] for k in keys}
+    assert timm.data.resolve_data_config(model=model) == timm.data.resolve_data_config(model=ref)
 
 
 # --------------------------------------------------------------------------------------- checkpoints

@@ -651,7 +651,8 @@ def test_wrong_width_input_names_the_parameter():
 
 
 # The ViTs people fine-tune, at depth 2 and a small image: every Block, Attention, PatchEmbed and LayerNorm
-# fused (CLIP's QuickGELU and SigLIP's tanh GELU MLPs included); the hybrids' CNN stem stays timm's.
+# fused (CLIP's QuickGELU and SigLIP's tanh GELU MLPs included); the hybrids' CNN stem stays timm's and
+# the patch projection on its feature map (HybridEmbed.proj) becomes ops.patch_embed.
 VARIANTS = {
     "deit_tiny_distilled_patch16_224": (dict(img_size=32), 32),
     "vit_small_patch14_dinov2": (dict(img_size=28), 28),
@@ -660,6 +661,7 @@ VARIANTS = {
     "vit_base_patch16_clip_quickgelu_224": (dict(img_size=32), 32),
     "vit_base_patch16_siglip_224": (dict(img_size=32), 32),
     "vit_tiny_r_s16_p8_224": (dict(img_size=64), 64),
+    "vit_small_r26_s32_224": (dict(img_size=64), 64),
 }
 
 
@@ -676,4 +678,40 @@ def test_timm_variants_fused_end_to_end(name, backend):
         left = {}
     assert counts["timm Block"] == 2 and counts["timm Attention"] == 2 and not left, str(report)
     hybrid = "_r_" in name or "_r26_" in name
-    assert ("timm PatchEmbed" in counts) != hybrid
+    assert counts.get("timm HybridEmbed" if hybrid else "timm PatchEmbed") == 1, str(report)
+
+
+class LoraLinear(nn.Module):
+    """A LoRA adapter the way peft wraps a Linear: the base layer plus a low-rank update."""
+
+    def __init__(self, base: nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.normal_(self.lora_B.weight, std=0.1)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x))
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_lora_wrapped_mlp_unfuses_its_block(when):
+    """A LoRA-wrapped fc1 cannot be one ops.layernorm_mlp call: wrapped before optimize, the report
+    says so for that Block; wrapped after, the Block runs its original forward. Either way the
+    logits and gradients equal timm's, and the other Block stays fused."""
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2)
+    if when == "before":
+        model.blocks[1].mlp.fc1 = LoraLinear(model.blocks[1].mlp.fc1)
+        report = check_optimized(model, image(batch=2, size=32), name="lora before")
+        left = {e.name: e.detail for e in report.left_alone}
+        assert "blocks.1" in left and "LoraLinear" in left["blocks.1"] and "nn.Linear" in left["blocks.1"], str(report)
+        assert kinds(report)["timm Block"] == 1, str(report)
+        return
+    fastvit.optimize(model, backend="eager")
+    model.blocks[1].mlp.fc1 = LoraLinear(model.blocks[1].mlp.fc1)
+    reference = copy.deepcopy(model)
+    fastvit.restore(reference)
+    x = image(batch=2, size=32)
+    torch.testing.assert_close(model.eval()(x), reference.eval()(x))
+    assert not model.blocks[1]._fv_intact() and model.blocks[0]._fv_intact()

@@ -203,8 +203,7 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: str | os.
         return entry.cls(base, pretrained, checkpoint_path, **kwargs)
     features_only = kwargs.pop("features_only", False)
     out_indices = kwargs.pop("out_indices", 3)
-    feature_cfg = dict(kwargs.pop("feature_cfg", None) or {})
-    if feature_cfg.pop("feature_cls", kwargs.pop("feature_cls", "getter")) != "getter":
+    if kwargs.pop("feature_cls", "getter") != "getter":
         raise ValueError("fastvit's models extract features with feature_cls='getter' (forward_intermediates) only")
     state_dict = None
     if checkpoint_path is not None:
@@ -224,7 +223,7 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: str | os.
         if not hasattr(model, "forward_intermediates"):
             raise ValueError(f"{base} has no forward_intermediates: features_only=True is not available for it")
         cfg = model.pretrained_cfg
-        model = FeatureGetterNet(model, out_indices, **feature_cfg)
+        model = FeatureGetterNet(model, out_indices)
         model.pretrained_cfg = model.default_cfg = cfg
     return model
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastvit.models.features import IntermediatesMixin
 from fastvit.models._image import check_image
 from fastvit.models._pos_embed import get_sinusoid_encoding
 from fastvit.nn import Block, LayerNorm, SoftSplit, TokenPerformer
@@ -58,7 +59,7 @@ class T2TModule(nn.Module):
         return self.project(self.soft_split2(x))
 
 
-class T2TViT(nn.Module):
+class T2TViT(IntermediatesMixin, nn.Module):
     """T2T-ViT. x: (B, in_chans, img_size, img_size) -> logits (B, num_classes), or (B, embed_dim) with
     ``num_classes=0``.
 
@@ -68,7 +69,8 @@ class T2TViT(nn.Module):
     (the official pretrained weights use embed_dim ** -0.5). ``drop_rate`` is the official one
     (position, projection and MLP dropout); ``t2t_drop_rate`` the Token_performer's (0.1 officially).
     Unlike the official code, ``forward_features`` returns all tokens; ``forward_head`` pools
-    (``global_pool='token'``: the cls token, as official; ``'avg'``: mean of the patch tokens).
+    (``global_pool='token'``: the cls token, as official; ``'avg'``: mean of the patch tokens). The feature
+    API is timm's, as on :class:`~fastvit.models.VisionTransformer` (``forward_intermediates``, ...).
     """
 
     def __init__(
@@ -112,6 +114,7 @@ class T2TViT(nn.Module):
             )
             for i in range(depth)
         ])
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=T2T_STRIDE) for i in range(depth)]
         self.norm = LayerNorm(embed_dim, eps=norm_eps)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights()
@@ -153,16 +156,17 @@ class T2TViT(nn.Module):
         self.head = nn.Linear(self.embed_dim, num_classes, **kw) if num_classes > 0 else nn.Identity()
         self.head.train(self.training)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> tokens (B, 1 + H/16 * W/16, embed_dim) after the blocks and ``norm``."""
+    def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(B, C, H, W) -> the tokens entering the first block (B, 1 + H/16 * W/16, D), and the grid."""
         x = check_image(x, "x", (1, 1), self.tokens_to_token.img_size,
                         ": build the model with that img_size (a checkpoint's pos_embed is resampled on load)")
         x = self.tokens_to_token(x)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1).to(x), x), dim=1)
-        x = self.pos_drop(x + self.pos_embed)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)
+        return self.pos_drop(x + self.pos_embed), self.tokens_to_token.grid_size
+
+    def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W) -> tokens (B, 1 + H/16 * W/16, embed_dim) after the blocks and ``norm``."""
+        return self.norm(self._run_blocks(self._tokens(x)[0], attn_mask))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens (B, N, D) -> logits (B, num_classes), or pooled features (B, D) with ``pre_logits``."""

@@ -6,12 +6,11 @@ import math
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from fastvit import reference
 from fastvit.models._image import check_image, pad_to_patches, pos_for_image, promote
 from fastvit.models._pos_embed import posemb_sincos_table
-from fastvit.models.features import take_indices
+from fastvit.models.features import IntermediatesMixin
 from fastvit.nn import AttentionPoolLatent, Block, LayerNorm, PatchEmbed
 
 GLOBAL_POOLS = ("", "token", "avg", "avgmax", "max", "map")
@@ -40,7 +39,7 @@ def _check_pool(global_pool: str, has_class_token: bool) -> None:
         raise ValueError("global_pool='token' needs the class token: use class_token=True or another global_pool")
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(IntermediatesMixin, nn.Module):
     """Vision Transformer (Dosovitskiy et al.) with timm's options and ``state_dict`` keys.
 
     x: (B, in_chans, H, W) -> logits (B, num_classes), or pooled features (B, embed_dim) when
@@ -119,7 +118,6 @@ class VisionTransformer(nn.Module):
         self.pool_include_prefix = pool_include_prefix
         self.dynamic_img_size = dynamic_img_size
         self.dynamic_img_pad = dynamic_img_pad
-        self.grad_checkpointing = False
         self.pos_embed_type = "none" if pos_embed in ("", "none") else pos_embed
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, bias=not pre_norm)
@@ -196,12 +194,6 @@ class VisionTransformer(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block in the backward instead of keeping its activations (same gradients:
-        dropout and drop-path masks are replayed from the saved RNG state)."""
-        self.grad_checkpointing = enable
-
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """New head of ``num_classes`` outputs (0: identity); optionally another ``global_pool``
         (``'map'`` only where the model was built with it; another pool drops ``attn_pool``)."""
@@ -249,99 +241,18 @@ class VisionTransformer(nn.Module):
         # Under autocast timm's cat / add with the fp32 tokens and table promote the residual stream to fp32: keep that.
         return self.pos_drop(promote(x, *params, pos))
 
-    def _block(self, blk: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(blk, x, mask, use_reentrant=False)
-        return blk(x, mask)
+    def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(B, C, H, W) -> the tokens entering the first block, and the patch grid (gh, gw)."""
+        ph, pw = self.patch_embed.patch_size
+        H, W = x.shape[-2:]
+        grid = (-(-H // ph), -(-W // pw)) if self.dynamic_img_pad else (H // ph, W // pw)
+        return self.norm_pre(self._embed(x)), grid
 
     def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, H, W) -> tokens (B, prefix + H/p * W/p, embed_dim) after the blocks and ``norm``
         (``attn_mask``: each block's attention mask, broadcast to (B, heads, N, N), True = attend)."""
         x = self.norm_pre(self._embed(x))
-        if self.grad_checkpointing or attn_mask is not None:
-            for blk in self.blocks:
-                x = self._block(blk, x, attn_mask)
-        else:
-            x = self.blocks(x)
-        return self.norm(x)
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | tuple[int, ...] | None = None,
-        return_prefix_tokens: bool = False,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-        output_dict: bool = False,
-        attn_mask: torch.Tensor | None = None,
-    ):
-        """timm's feature API. x: (B, C, H, W) -> (final tokens after ``norm``, [block outputs]), or only
-        the list with ``intermediates_only``, or a dict (``image_features``, ``image_intermediates``,
-        ``image_intermediates_prefix``) with ``output_dict``.
-
-        ``indices``: the last n blocks (int), these blocks (sequence, negative from the end), all (None).
-        Each intermediate is (B, D, gh, gw) (``output_fmt='NCHW'``) or (B, gh * gw, D) (``'NLC'``), the
-        prefix tokens split off ((B, prefix, D) pairs with ``return_prefix_tokens``); ``norm`` applies
-        the final norm to each; ``stop_early`` skips the blocks after the last one taken.
-        """
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take, max_index = take_indices(len(self.blocks), indices)
-        B, _, height, width = x.shape
-        ph, pw = self.patch_embed.patch_size
-        if self.dynamic_img_pad:
-            gh, gw = -(-height // ph), -(-width // pw)
-        else:
-            gh, gw = height // ph, width // pw
-        x = self.norm_pre(self._embed(x))
-        blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
-        intermediates = []
-        for i, blk in enumerate(blocks):
-            x = self._block(blk, x, attn_mask)
-            if i in take:
-                intermediates.append(self.norm(x) if norm else x)
-        n = self.num_prefix_tokens
-        prefix = [y[:, :n] for y in intermediates] if n else None
-        intermediates = [y[:, n:] for y in intermediates]
-        if output_fmt == "NCHW":
-            intermediates = [y.reshape(B, gh, gw, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
-        if output_dict:
-            out = {"image_intermediates": intermediates}
-            if prefix is not None and return_prefix_tokens:
-                out["image_intermediates_prefix"] = prefix
-            if not intermediates_only:
-                out["image_features"] = self.norm(x)
-            return out
-        if return_prefix_tokens and prefix is not None:
-            intermediates = list(zip(intermediates, prefix))
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
-
-    def get_intermediate_layers(
-        self, x: torch.Tensor, n: int | list[int] | tuple[int, ...] = 1, reshape: bool = False,
-        return_prefix_tokens: bool = False, norm: bool = False, attn_mask: torch.Tensor | None = None,
-    ) -> list:
-        """DINO's interface: :meth:`forward_intermediates` of blocks ``n``, NCHW when ``reshape``."""
-        return self.forward_intermediates(x, n, return_prefix_tokens=return_prefix_tokens, norm=norm,
-                                          output_fmt="NCHW" if reshape else "NLC", intermediates_only=True,
-                                          attn_mask=attn_mask)
-
-    def prune_intermediate_layers(
-        self, indices: int | list[int] | tuple[int, ...] = 1, prune_norm: bool = False, prune_head: bool = True,
-    ) -> list[int]:
-        """Drop the blocks after the last of ``indices`` (and the final norm / the head); returns the kept
-        indices, counted from the first block."""
-        take, max_index = take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[: max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.fc_norm = nn.Identity()
-            self.reset_classifier(0, "")
-        return take
+        return self.norm(self._run_blocks(x, attn_mask))
 
     def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
         """(B, N, D) -> (B, D) by ``global_pool`` (or ``pool_type``); ``''`` returns x unchanged."""
