@@ -247,7 +247,8 @@ const void* optr(const OptTensor& t) { return t.has_value() ? t->data_ptr() : nu
 
 std::vector<Tensor> mlp_forward(const Tensor& x, const OptTensor& ln_weight, const OptTensor& ln_bias,
                                 const Tensor& fc1_weight, const OptTensor& fc1_bias, const Tensor& fc2_weight,
-                                const OptTensor& fc2_bias, double eps, const OptTensor& residual, bool training) {
+                                const OptTensor& fc2_bias, double eps, const OptTensor& residual, mlp::Act act_fn,
+                                bool training) {
   const char* op = "layernorm_mlp";
   const MlpShapes s = check_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -276,8 +277,9 @@ std::vector<Tensor> mlp_forward(const Tensor& x, const OptTensor& ln_weight, con
                                                static_cast<float>(eps), stream));
     const Tensor w1 = rows(fc1_weight, s.align), w2 = rows(fc2_weight, s.align);
     const OptTensor b1 = cast_bias(fc1_bias, gd), b2 = cast_bias(fc2_bias, gd);
-    FV_CHECK_CUDA_CALL(op, mlp::linear_bias_gelu(s.gt, M, H, C, h.data_ptr(), C, w1.data_ptr(), ld(w1), optr(b1),
-                                                 act.data_ptr(), H, training ? pre.data_ptr() : nullptr, H, stream));
+    FV_CHECK_CUDA_CALL(op, mlp::linear_bias_act(s.gt, act_fn, M, H, C, h.data_ptr(), C, w1.data_ptr(), ld(w1),
+                                                optr(b1), act.data_ptr(), H, training ? pre.data_ptr() : nullptr, H,
+                                                stream));
     Tensor res2;
     if (residual.has_value()) res2 = rows(residual->to(out_dtype), out_dtype == at::kFloat ? 4 : s.align);
     FV_CHECK_CUDA_CALL(op, mlp::linear_bias_residual(s.gt, dtype_of(op, "residual", out_dtype), M, C_out, H,
@@ -290,19 +292,19 @@ std::vector<Tensor> mlp_forward(const Tensor& x, const OptTensor& ln_weight, con
   return {out, h, pre, act, mean, rstd};
 }
 
-// The ops share the Triton ops' schema, whose ``activation`` (0 erf GELU, 1 tanh GELU, 2 QuickGELU) this
-// backend serves only as 0; the Python front routes the others to Triton or eager.
-void check_activation(int64_t activation) {
-  TORCH_CHECK(activation == 0, "fastvit layernorm_mlp (cuda): the CUDA MLP computes exact erf GELU only (activation 0), "
-              "got activation ", activation);
+// The ops share the Triton ops' schema: ``activation`` 0 erf GELU, 1 tanh GELU, 2 QuickGELU (mlp::Act).
+mlp::Act check_activation(int64_t activation) {
+  TORCH_CHECK(activation >= 0 && activation <= 2, "fastvit layernorm_mlp (cuda): activation must be 0 (erf GELU), "
+              "1 (tanh GELU) or 2 (QuickGELU), got ", activation);
+  return static_cast<mlp::Act>(activation);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp_fwd(
     const Tensor& x, const OptTensor& ln_weight, const OptTensor& ln_bias, const Tensor& fc1_weight,
     const OptTensor& fc1_bias, const Tensor& fc2_weight, const OptTensor& fc2_bias, double eps,
     const OptTensor& residual, int64_t activation) {
-  check_activation(activation);
-  auto r = mlp_forward(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, true);
+  const mlp::Act act_fn = check_activation(activation);
+  auto r = mlp_forward(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, act_fn, true);
   return {r[0], r[1], r[2], r[3], r[4], r[5]};
 }
 
@@ -310,8 +312,9 @@ Tensor layernorm_mlp_infer(const Tensor& x, const OptTensor& ln_weight, const Op
                            const Tensor& fc1_weight, const OptTensor& fc1_bias, const Tensor& fc2_weight,
                            const OptTensor& fc2_bias, double eps, const OptTensor& residual,
                            int64_t activation) {
-  check_activation(activation);
-  return mlp_forward(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, false)[0];
+  const mlp::Act act_fn = check_activation(activation);
+  return mlp_forward(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, act_fn,
+                     false)[0];
 }
 
 // Weight gradient out[Mo, No] = a[K, Mo]^T @ b[K, No], accumulated in fp32, in the weight's dtype.
@@ -341,7 +344,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp
     const Tensor& dy, const Tensor& x, const OptTensor& ln_weight, const OptTensor& ln_bias, const Tensor& fc1_weight,
     const OptTensor& fc1_bias, const Tensor& fc2_weight, const OptTensor& fc2_bias, const Tensor& h, const Tensor& pre,
     const Tensor& act, const Tensor& mean, const Tensor& rstd, int64_t activation) {
-  check_activation(activation);
+  const mlp::Act act_fn = check_activation(activation);
   const char* op = "layernorm_mlp";
   const MlpShapes s = check_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, std::nullopt);
   check_cuda(op, "dy", dy, x);
@@ -358,15 +361,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp
   const Tensor dyg = rows(dy2.scalar_type() == gd ? dy2 : dy2.to(gd), s.align);
   const Tensor w1 = rows(fc1_weight, s.align), w2 = rows(fc2_weight, s.align);
 
-  // dA = (dY W2) * GELU'(pre), with db1's fp32 partials (one row per row tile) from the same epilogue;
+  // dA = (dY W2) * act'(pre), with db1's fp32 partials (one row per row tile) from the same epilogue;
   // db2 as the column sums of dY.
   Tensor dA = at::empty({M, H}, x.options().dtype(gd));
   Tensor db1 = at::zeros({H}, x.options().dtype(at::kFloat));
   if (M > 0) {
-    Tensor parts = at::empty({mlp::matmul_dgelu_partial_rows(s.gt, M), H}, x.options().dtype(at::kFloat));
-    FV_CHECK_CUDA_CALL(op, mlp::matmul_dgelu(s.gt, M, H, C_out, dyg.data_ptr(), ld(dyg), w2.data_ptr(), ld(w2),
-                                             pre2.data_ptr(), ld(pre2), dA.data_ptr(), H, parts.data_ptr<float>(),
-                                             stream));
+    Tensor parts = at::empty({mlp::matmul_dact_partial_rows(s.gt, M), H}, x.options().dtype(at::kFloat));
+    FV_CHECK_CUDA_CALL(op, mlp::matmul_dact(s.gt, act_fn, M, H, C_out, dyg.data_ptr(), ld(dyg), w2.data_ptr(), ld(w2),
+                                            pre2.data_ptr(), ld(pre2), dA.data_ptr(), H, parts.data_ptr<float>(),
+                                            stream));
     db1 = parts.sum(0);
   }
   const Tensor db2 = fc2_bias.has_value() ? bias_grad(op, dy2) : Tensor();

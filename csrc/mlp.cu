@@ -295,11 +295,12 @@ int gemm_alignment(DType t) {
   return with_gemm(t, [](auto g) { return decltype(g)::alignment(); });
 }
 
-cudaError_t linear_bias_gelu(DType t, int M, int N, int K, const void* a, int64_t lda, const void* w, int64_t ldw,
-                             const void* bias, void* out, int64_t ldo, void* pre, int64_t ldp, cudaStream_t stream) {
+cudaError_t linear_bias_act(DType t, Act act, int M, int N, int K, const void* a, int64_t lda, const void* w,
+                            int64_t ldw, const void* bias, void* out, int64_t ldo, void* pre, int64_t ldp,
+                            cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
   return with_gemm(t, [&](auto g) {
-    return decltype(g)::linear_bias_gelu(M, N, K, a, lda, w, ldw, bias, out, ldo, pre, ldp, stream);
+    return decltype(g)::linear_bias_act(act, M, N, K, a, lda, w, ldw, bias, out, ldo, pre, ldp, stream);
   });
 }
 
@@ -314,16 +315,16 @@ cudaError_t linear_bias_residual(DType t, DType out_type, int M, int N, int K, c
   });
 }
 
-cudaError_t matmul_dgelu(DType t, int M, int N, int K, const void* a, int64_t lda, const void* b, int64_t ldb,
-                         const void* pre, int64_t ldp, void* out, int64_t ldo, float* col_partials,
-                         cudaStream_t stream) {
+cudaError_t matmul_dact(DType t, Act act, int M, int N, int K, const void* a, int64_t lda, const void* b,
+                        int64_t ldb, const void* pre, int64_t ldp, void* out, int64_t ldo, float* col_partials,
+                        cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
   return with_gemm(t, [&](auto g) {
-    return decltype(g)::matmul_dgelu(M, N, K, a, lda, b, ldb, pre, ldp, out, ldo, col_partials, stream);
+    return decltype(g)::matmul_dact(act, M, N, K, a, lda, b, ldb, pre, ldp, out, ldo, col_partials, stream);
   });
 }
 
-int matmul_dgelu_partial_rows(DType t, int M) {
+int matmul_dact_partial_rows(DType t, int M) {
   return with_gemm(t, [&](auto g) { return (M + decltype(g)::tile_m() - 1) / decltype(g)::tile_m(); });
 }
 

@@ -1,4 +1,4 @@
-// MLP family (LayerNorm, LayerNorm + Linear + GELU + Linear): the torch-free CUDA interface.
+// MLP family (LayerNorm, LayerNorm + Linear + activation + Linear): the torch-free CUDA interface.
 //
 // Everything here takes raw pointers, sizes, row strides (in elements) and a cudaStream_t; only
 // bindings.cpp knows torch. Matrices are row-major with unit column stride. Element types are named
@@ -13,6 +13,10 @@ namespace fastvit {
 namespace mlp {
 
 enum class DType : int { f32 = 0, f16 = 1, bf16 = 2 };
+
+// The MLP's activation, numbered as the ops' ``activation`` argument: exact (erf) GELU, GELU's tanh
+// approximation (SigLIP), QuickGELU u * sigmoid(1.702 u) (CLIP).
+enum class Act : int { gelu = 0, gelu_tanh = 1, quick_gelu = 2 };
 
 // ---------------------------------------------------------------------------------------------
 // LayerNorm (csrc/mlp.cu)
@@ -52,10 +56,11 @@ int column_sum_splits(int64_t M, int64_t C, int num_sms);
 
 int gemm_alignment(DType t);
 
-// fc1: out[M, N] = gelu_erf(a[M, K] @ w[N, K]^T + bias[N]); pre[M, N] = the argument of gelu when
-// pre is not nullptr (training). bias may be nullptr.
-cudaError_t linear_bias_gelu(DType t, int M, int N, int K, const void* a, int64_t lda, const void* w, int64_t ldw,
-                             const void* bias, void* out, int64_t ldo, void* pre, int64_t ldp, cudaStream_t stream);
+// fc1: out[M, N] = act(a[M, K] @ w[N, K]^T + bias[N]); pre[M, N] = the argument of act when pre is
+// not nullptr (training). bias may be nullptr.
+cudaError_t linear_bias_act(DType t, Act act, int M, int N, int K, const void* a, int64_t lda, const void* w,
+                            int64_t ldw, const void* bias, void* out, int64_t ldo, void* pre, int64_t ldp,
+                            cudaStream_t stream);
 
 // fc2: out[M, N] = a[M, K] @ w[N, K]^T + bias[N] (+ residual[M, N]); out and residual have type
 // out_type (T, or fp32 when T is 16-bit: autocast with an fp32 residual stream).
@@ -63,13 +68,13 @@ cudaError_t linear_bias_residual(DType t, DType out_type, int M, int N, int K, c
                                  const void* w, int64_t ldw, const void* bias, const void* residual, int64_t ldr,
                                  void* out, int64_t ldo, cudaStream_t stream);
 
-// dgrad through GELU: out[M, N] = (a[M, K] @ b[K, N]) * gelu_erf'(pre[M, N]), and the column sums of
-// out (before rounding) as fp32 partials: col_partials is (matmul_dgelu_partial_rows(t, M), N), row r
+// dgrad through the activation: out[M, N] = (a[M, K] @ b[K, N]) * act'(pre[M, N]), and the column sums
+// of out (before rounding) as fp32 partials: col_partials is (matmul_dact_partial_rows(t, M), N), row r
 // summing rows [r * tile, (r + 1) * tile) of out; the caller adds the rows (the fc1 bias gradient).
-cudaError_t matmul_dgelu(DType t, int M, int N, int K, const void* a, int64_t lda, const void* b, int64_t ldb,
-                         const void* pre, int64_t ldp, void* out, int64_t ldo, float* col_partials,
-                         cudaStream_t stream);
-int matmul_dgelu_partial_rows(DType t, int M);
+cudaError_t matmul_dact(DType t, Act act, int M, int N, int K, const void* a, int64_t lda, const void* b,
+                        int64_t ldb, const void* pre, int64_t ldp, void* out, int64_t ldo, float* col_partials,
+                        cudaStream_t stream);
+int matmul_dact_partial_rows(DType t, int M);
 
 // out[M, N] = a[M, K] @ b[K, N].
 cudaError_t matmul_nn(DType t, int M, int N, int K, const void* a, int64_t lda, const void* b, int64_t ldb, void* out,
@@ -96,15 +101,15 @@ namespace detail {
 // translation unit (mlp_gemm_f32.cu, mlp_gemm_f16.cu, mlp_gemm_bf16.cu) so they compile in parallel.
 template <DType D>
 struct Gemm {
-  static cudaError_t linear_bias_gelu(int M, int N, int K, const void* a, int64_t lda, const void* w, int64_t ldw,
-                                      const void* bias, void* out, int64_t ldo, void* pre, int64_t ldp,
-                                      cudaStream_t stream);
+  static cudaError_t linear_bias_act(Act act, int M, int N, int K, const void* a, int64_t lda, const void* w,
+                                     int64_t ldw, const void* bias, void* out, int64_t ldo, void* pre, int64_t ldp,
+                                     cudaStream_t stream);
   static cudaError_t linear_bias_residual(bool out_fp32, int M, int N, int K, const void* a, int64_t lda,
                                           const void* w, int64_t ldw, const void* bias, const void* residual,
                                           int64_t ldr, void* out, int64_t ldo, cudaStream_t stream);
-  static cudaError_t matmul_dgelu(int M, int N, int K, const void* a, int64_t lda, const void* b, int64_t ldb,
-                                  const void* pre, int64_t ldp, void* out, int64_t ldo, float* col_partials,
-                                  cudaStream_t stream);
+  static cudaError_t matmul_dact(Act act, int M, int N, int K, const void* a, int64_t lda, const void* b,
+                                 int64_t ldb, const void* pre, int64_t ldp, void* out, int64_t ldo, float* col_partials,
+                                 cudaStream_t stream);
   static cudaError_t matmul_nn(int M, int N, int K, const void* a, int64_t lda, const void* b, int64_t ldb, void* out,
                                int64_t ldo, cudaStream_t stream);
   static cudaError_t matmul_tn(int M, int N, int K, const void* a, int64_t lda, const void* b, int64_t ldb, float* out,

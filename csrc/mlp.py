@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastvit import _ext
+from fastvit.reference import ACTIVATIONS
 from fastvit._library import FusedOp, get_op, op_name, wire_autograd
 
 _ext.load()  # the ops must exist before their fakes and autograd are registered
@@ -116,6 +117,9 @@ wire_autograd("layernorm_mlp", "cuda", num_outputs=1, backward=_layernorm_mlp_ba
 _layernorm_mlp = FusedOp("layernorm_mlp", "cuda", num_outputs=1)
 
 
-def layernorm_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps: float, residual=None):
-    """fc2(GELU(fc1(LN(x)))) (+ residual) in CUDA, no dropout. x: (..., C) -> (..., C_out)."""
-    return _layernorm_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, float(eps), residual, 0)
+def layernorm_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps: float, residual=None,
+                  activation: str = "gelu"):
+    """fc2(act(fc1(LN(x)))) (+ residual) in CUDA, no dropout; ``activation`` one of reference.ACTIVATIONS
+    (its index is the ops' code, csrc's mlp::Act). x: (..., C) -> (..., C_out)."""
+    return _layernorm_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, float(eps), residual,
+                          ACTIVATIONS.index(activation))

@@ -2,11 +2,12 @@
 // multistage cp.async pipeline; they run on sm_80 and sm_90). Included only by mlp_gemm_<dtype>.cu,
 // one translation unit per dtype.
 //
-// - linear_bias_gelu: the fc1 epilogue adds the bias, applies exact (erf) GELU and, in training, also
-//   writes the pre-activation the backward needs (CUTLASS's broadcast epilogue: Z and T outputs).
+// - linear_bias_act: the fc1 epilogue adds the bias, applies the activation (exact GELU, tanh GELU or
+//   QuickGELU, in fp32 with libm's erff / tanhf / expf) and, in training, also writes the
+//   pre-activation the backward needs (CUTLASS's broadcast epilogue: Z and T outputs).
 // - linear_bias_residual: the fc2 epilogue adds the bias and the residual (CUTLASS's source operand C).
-// - matmul_dgelu: the dgrad GEMM multiplies by GELU'(pre) in its epilogue (DGeluErf below; CUTLASS's
-//   own dGELU is the tanh approximation's derivative) and reduces the result's columns per row tile
+// - matmul_dact: the dgrad GEMM multiplies by act'(pre) in its epilogue (DAct below; CUTLASS's own
+//   dGELU is the tanh approximation's with a fast tanh) and reduces the result's columns per row tile
 //   (CUTLASS's reduction epilogue: fp32 partials of the fc1 bias gradient, no atomics).
 // - matmul_nn / matmul_tn: plain dgrad / wgrad; wgrad writes fp32 and may split K serially
 //   (deterministic, every partial sum in fp32).
@@ -97,20 +98,55 @@ using PlainGemm = cutlass::gemm::device::GemmUniversal<
     Swizzle, Config<D>::kStages, kAlign<typename Config<D>::T>, kAlign<typename Config<D>::T>,
     typename Config<D>::Operator>;
 
-// Z = GELU(acc + bias) and T = acc + bias (T written only when its pointer is not null).
-template <typename T>
-using BiasGelu = cutlass::epilogue::thread::LinearCombinationBiasElementwise<
-    T, float, float, T, T, kAlign<T>, cutlass::epilogue::thread::GELU<float>, cutlass::plus<float>, true, T>;
+// The activations and their derivatives, in fp32 (accurate libm functions: the fp32 GEMMs are
+// judged at fp32 precision, which CUTLASS's tanh.approx-based GELU_taylor would miss).
+template <Act A>
+struct Activation {
+  static const bool kIsHeavy = true;
+
+  CUTLASS_HOST_DEVICE
+  static float value(float u) {
+    if constexpr (A == Act::gelu) {
+      return 0.5f * u * (1.f + erff(u * 0.70710678118654752f));
+    } else if constexpr (A == Act::gelu_tanh) {
+      return 0.5f * u * (1.f + tanhf(0.79788456080286536f * (u + 0.044715f * u * u * u)));
+    } else {
+      return u / (1.f + expf(-1.702f * u));
+    }
+  }
+
+  CUTLASS_HOST_DEVICE
+  static float derivative(float u) {
+    if constexpr (A == Act::gelu) {  // Phi(u) + u * phi(u)
+      return 0.5f * (1.f + erff(u * 0.70710678118654752f)) + u * 0.39894228040143268f * expf(-0.5f * u * u);
+    } else if constexpr (A == Act::gelu_tanh) {
+      const float k = 0.79788456080286536f;
+      const float t = tanhf(k * (u + 0.044715f * u * u * u));
+      return 0.5f * (1.f + t) + 0.5f * u * (1.f - t * t) * k * (1.f + 3.f * 0.044715f * u * u);
+    } else {
+      const float sig = 1.f / (1.f + expf(-1.702f * u));
+      return sig + 1.702f * u * sig * (1.f - sig);
+    }
+  }
+
+  CUTLASS_HOST_DEVICE
+  float operator()(float const& u) const { return value(u); }
+};
+
+// Z = act(acc + bias) and T = acc + bias (T written only when its pointer is not null).
+template <typename T, Act A>
+using BiasAct = cutlass::epilogue::thread::LinearCombinationBiasElementwise<
+    T, float, float, T, T, kAlign<T>, Activation<A>, cutlass::plus<float>, true, T>;
 
 // Z = acc + bias (+ beta * C, the residual), in the output type TO; the bias stays in the GEMM type T.
 template <typename T, typename TO>
 using BiasResidual = cutlass::epilogue::thread::LinearCombinationBiasElementwise<
     TO, float, float, TO, TO, kAlign<TO>, cutlass::epilogue::thread::Identity<float>, cutlass::plus<float>, false, T>;
 
-// D = acc * GELU'(pre) with the exact GELU: GELU'(u) = Phi(u) + u * phi(u); pre is the epilogue's
-// "tensor" operand. The interface (Params, reduction participation) is LinearCombinationDGelu's.
-template <typename T>
-class DGeluErf : public cutlass::epilogue::thread::LinearCombinationDGelu<float, float, T, T, kAlign<T>> {
+// D = acc * act'(pre); pre is the epilogue's "tensor" operand. The interface (Params, reduction
+// participation) is LinearCombinationDGelu's.
+template <typename T, Act A>
+class DAct : public cutlass::epilogue::thread::LinearCombinationDGelu<float, float, T, T, kAlign<T>> {
   using Base = cutlass::epilogue::thread::LinearCombinationDGelu<float, float, T, T, kAlign<T>>;
 
  public:
@@ -122,37 +158,45 @@ class DGeluErf : public cutlass::epilogue::thread::LinearCombinationDGelu<float,
   static int const kN = kAlign<T>;
 
   CUTLASS_HOST_DEVICE
-  explicit DGeluErf(Params const& params) : Base(params) {}
+  explicit DAct(Params const& params) : Base(params) {}
 
   CUTLASS_HOST_DEVICE
   FragmentCompute operator()(FragmentAccumulator const& acc, FragmentTensor const& pre) const {
     FragmentCompute d;
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < kN; ++i) {
-      const float u = static_cast<float>(pre[i]);
-      const float cdf = 0.5f * (1.f + erff(u * 0.70710678118654752f));
-      const float pdf = 0.39894228040143268f * expf(-0.5f * u * u);
-      d[i] = acc[i] * (cdf + u * pdf);
+      d[i] = acc[i] * Activation<A>::derivative(static_cast<float>(pre[i]));
     }
     return d;
   }
 
-  // With a source operand (beta != 0); matmul_dgelu passes beta = 0, so this is never reached.
+  // With a source operand (beta != 0); matmul_dact passes beta = 0, so this is never reached.
   CUTLASS_HOST_DEVICE
   FragmentCompute operator()(FragmentAccumulator const& acc, FragmentSource const&, FragmentTensor const& pre) const {
     return (*this)(acc, pre);
   }
 };
 
-// dgrad through GELU with the column sums of its result, one fp32 row of partials per row tile.
-template <DType D>
-using DGeluReductionGemm = cutlass::gemm::device::GemmUniversalBase<typename cutlass::gemm::kernel::DefaultGemmWithReduction<
+// dgrad through the activation with the column sums of its result, one fp32 row of partials per row tile.
+template <DType D, Act A>
+using DActReductionGemm = cutlass::gemm::device::GemmUniversalBase<typename cutlass::gemm::kernel::DefaultGemmWithReduction<
     typename Config<D>::T, RowMajor, cutlass::ComplexTransform::kNone, kAlign<typename Config<D>::T>,
     typename Config<D>::T, RowMajor, cutlass::ComplexTransform::kNone, kAlign<typename Config<D>::T>,
     typename Config<D>::T, RowMajor, float, cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80,
     typename Config<D>::Threadblock, typename Config<D>::Warp, typename Config<D>::Instruction,
-    DGeluErf<typename Config<D>::T>, cutlass::plus<float>, Swizzle, Config<D>::kStages,
+    DAct<typename Config<D>::T, A>, cutlass::plus<float>, Swizzle, Config<D>::kStages,
     typename Config<D>::Operator>::GemmKernel>;
+
+// Calls f(std::integral_constant<Act, a>{}) for the runtime activation a (the kernels are templates).
+template <typename F>
+cudaError_t with_act(Act act, F&& f) {
+  switch (act) {
+    case Act::gelu: return f(std::integral_constant<Act, Act::gelu>{});
+    case Act::gelu_tanh: return f(std::integral_constant<Act, Act::gelu_tanh>{});
+    case Act::quick_gelu: return f(std::integral_constant<Act, Act::quick_gelu>{});
+  }
+  return cudaErrorInvalidValue;
+}
 
 inline cudaError_t to_cuda_error(cutlass::Status status) {
   if (status == cutlass::Status::kSuccess) return cudaGetLastError();
@@ -176,15 +220,17 @@ cudaError_t run(typename G::Arguments const& args, void* workspace, cudaStream_t
 constexpr auto kGemmMode = cutlass::gemm::GemmUniversalMode::kGemm;
 
 template <DType D>
-cudaError_t Gemm<D>::linear_bias_gelu(int M, int N, int K, const void* a, int64_t lda, const void* w, int64_t ldw,
-                                      const void* bias, void* out, int64_t ldo, void* pre, int64_t ldp,
-                                      cudaStream_t stream) {
+cudaError_t Gemm<D>::linear_bias_act(Act act, int M, int N, int K, const void* a, int64_t lda, const void* w,
+                                     int64_t ldw, const void* bias, void* out, int64_t ldo, void* pre, int64_t ldp,
+                                     cudaStream_t stream) {
   using T = typename Config<D>::T;
-  using Op = BiasGelu<T>;
-  using G = BroadcastGemm<D, RowMajor, ColumnMajor, T, Op>;
-  typename G::Arguments args(kGemmMode, {M, N, K}, 1, typename Op::Params(1.f, 0.f), a, w, nullptr, out,
-                             const_cast<void*>(bias), pre, 0, 0, 0, 0, 0, 0, lda, ldw, ldo, ldo, 0, ldp);
-  return run<G>(args, nullptr, stream);
+  return with_act(act, [&](auto a_kind) {
+    using Op = BiasAct<T, decltype(a_kind)::value>;
+    using G = BroadcastGemm<D, RowMajor, ColumnMajor, T, Op>;
+    typename G::Arguments args(kGemmMode, {M, N, K}, 1, typename Op::Params(1.f, 0.f), a, w, nullptr, out,
+                               const_cast<void*>(bias), pre, 0, 0, 0, 0, 0, 0, lda, ldw, ldo, ldo, 0, ldp);
+    return run<G>(args, nullptr, stream);
+  });
 }
 
 template <DType D>
@@ -210,17 +256,20 @@ cudaError_t Gemm<D>::linear_bias_residual(bool out_fp32, int M, int N, int K, co
 }
 
 template <DType D>
-cudaError_t Gemm<D>::matmul_dgelu(int M, int N, int K, const void* a, int64_t lda, const void* b, int64_t ldb,
-                                  const void* pre, int64_t ldp, void* out, int64_t ldo, float* col_partials,
-                                  cudaStream_t stream) {
-  using G = DGeluReductionGemm<D>;
-  static_assert(G::GemmKernel::Epilogue::kIsSingleSource, "argument order below is the single-source kernel's");
-  static_assert(std::is_same<typename G::GemmKernel::Epilogue::ElementVector, float>::value, "fp32 partials");
-  // ptr_Vector receives the partials: row (tile m) at col_partials + tile_m * N.
-  typename G::Arguments args(kGemmMode, {M, N, K}, 1, typename DGeluErf<typename Config<D>::T>::Params(1.f, 0.f), a, b,
-                             nullptr, out, col_partials, const_cast<void*>(pre), 0, 0, 0, 0, 0, 0, lda, ldb, ldo, ldo, N,
-                             ldp);
-  return run<G>(args, nullptr, stream);
+cudaError_t Gemm<D>::matmul_dact(Act act, int M, int N, int K, const void* a, int64_t lda, const void* b, int64_t ldb,
+                                 const void* pre, int64_t ldp, void* out, int64_t ldo, float* col_partials,
+                                 cudaStream_t stream) {
+  return with_act(act, [&](auto a_kind) {
+    constexpr Act A = decltype(a_kind)::value;
+    using G = DActReductionGemm<D, A>;
+    static_assert(G::GemmKernel::Epilogue::kIsSingleSource, "argument order below is the single-source kernel's");
+    static_assert(std::is_same<typename G::GemmKernel::Epilogue::ElementVector, float>::value, "fp32 partials");
+    // ptr_Vector receives the partials: row (tile m) at col_partials + tile_m * N.
+    typename G::Arguments args(kGemmMode, {M, N, K}, 1, typename DAct<typename Config<D>::T, A>::Params(1.f, 0.f), a,
+                               b, nullptr, out, col_partials, const_cast<void*>(pre), 0, 0, 0, 0, 0, 0, lda, ldb, ldo,
+                               ldo, N, ldp);
+    return run<G>(args, nullptr, stream);
+  });
 }
 
 template <DType D>

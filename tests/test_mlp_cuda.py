@@ -220,6 +220,19 @@ def test_gpu_cuda_layernorm_mlp(ext, lead, C, hidden, C_out, dtype, residual):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["gelu_tanh", "quick_gelu"])
+@pytest.mark.parametrize("lead, C, hidden, dtype, residual", [
+    ((1, 7), 64, 256, torch.float32, True), ((2, 197), 384, 1536, torch.bfloat16, True),
+    ((1, 197), 1152, 4304, torch.float16, False),  # SigLIP-so400m's widths
+])
+def test_gpu_cuda_layernorm_mlp_activations(ext, activation, lead, C, hidden, dtype, residual):
+    """SigLIP's tanh GELU and CLIP's QuickGELU in the fc1 epilogue and their derivatives in the dgrad one."""
+    inputs = {**mlp_inputs(lead, C, hidden, dtype=dtype, residual=residual, offset=2.0, outliers=3),
+              "activation": activation}
+    check(on_cuda(ops.layernorm_mlp), reference.layernorm_mlp, inputs, dtype)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_cuda_split_k_weight_gradients(ext, dtype):
     """32 x 197 rows, C 384, hidden 1536: the dW GEMMs take CUTLASS's serial split-K (the rule of

@@ -100,8 +100,6 @@ def _cuda_layer_norm(x, weight, bias, eps):
 
 def _cuda_layernorm_mlp_why_not(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, dropout_p,
                                 activation="gelu"):
-    if activation != "gelu":
-        return f"activation {activation!r}: the CUDA MLP computes exact erf GELU only (Triton takes all three)"
     reason = _cuda_reason({
         "x": x, "ln_weight": ln_weight, "ln_bias": ln_bias, "fc1_weight": fc1_weight, "fc1_bias": fc1_bias,
         "fc2_weight": fc2_weight, "fc2_bias": fc2_bias, "residual": residual,
@@ -132,7 +130,8 @@ def _cuda_layernorm_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight,
         )
     from fastvit.csrc import mlp as cuda
 
-    return cuda.layernorm_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual)
+    return cuda.layernorm_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual,
+                              activation)
 
 
 backend.register("layer_norm", "cuda", _cuda_layer_norm, _cuda_layer_norm_why_not)
