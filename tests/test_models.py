@@ -319,6 +319,23 @@ def test_distilled_training_returns_both_heads():
         model.reset_classifier(3, "avg")
 
 
+@pytest.mark.parametrize("name", ["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2", "deit_tiny_distilled_patch16_224"])
+def test_checkpoint_position_table_resampled_like_timm(tmp_path, name):
+    """A checkpoint trained at one size (DINOv2's 518 px, here 56) loaded at another: the position table
+    is resampled as timm's own pretrained loading does (registers and distillation token kept apart)."""
+    kwargs = dict(depth=2, num_classes=0)
+    big = 56 if "dinov2" in name else 64
+    path = tmp_path / "w.pth"
+    torch.save(randomize(timm.create_model(name, img_size=big, **kwargs)).state_dict(), path)
+    ref = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), img_size=28 if big == 56 else 32,
+                            **kwargs).eval()
+    model = create_model(name, pretrained=True, checkpoint_path=path, img_size=ref.patch_embed.img_size, **kwargs).eval()
+    assert_close(model.pos_embed, ref.pos_embed, "resampled pos_embed")
+    x = image(2, ref.patch_embed.img_size)
+    with torch.no_grad():
+        assert_close(model(x), ref(x), "features at the new size")
+
+
 def test_t2t_vit_feature_api():
     """T2T-ViT has the same feature API: the last block's normed output is forward_features' patch tokens."""
     model = create_model("t2t_vit_7", img_size=32, num_classes=0).eval()
