@@ -102,19 +102,25 @@ def attention(q, k, v, mask=None, scale=None, dropout_p=0.0):
     if dt is not None:
         q, k, v = cast(dt, q, k, v)
     with autocast_off(q):
-        acc = _acc(q.dtype)
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
-        s = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * scale  # scores in fp32: no fp16 overflow
-        if mask is not None:
-            s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(acc)
-        # A row is fully masked when every score is -inf; a NaN score is not masked and must reach the
-        # output (as in SDPA and the fused kernels), so test for -inf, not for "> -inf".
-        attended = ~(s == float("-inf")).all(dim=-1, keepdim=True)
-        p = torch.softmax(torch.where(attended, s, 0.0), dim=-1)
-        p = torch.where(attended, p, 0.0)
+        p = attention_probs(q, k, mask, scale)
         if dropout_p > 0:
             p = F.dropout(p, dropout_p, training=True)
         return torch.matmul(p.to(v.dtype), v)
+
+
+def attention_probs(q, k, mask=None, scale=None):
+    """softmax(q k^T * scale + mask), the attention probabilities. q: (B, H, Nq, D), k: (B, H, Nk, D) ->
+    (B, H, Nq, Nk) in at least fp32. A fully masked query row is all zeros; masked keys get 0."""
+    acc = _acc(q.dtype)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * scale  # scores in fp32: no fp16 overflow
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(acc)
+    # A row is fully masked when every score is -inf; a NaN score is not masked and must reach the
+    # output (as in SDPA and the fused kernels), so test for -inf, not for "> -inf".
+    attended = ~(s == float("-inf")).all(dim=-1, keepdim=True)
+    p = torch.softmax(torch.where(attended, s, 0.0), dim=-1)
+    return torch.where(attended, p, 0.0)
 
 
 def attention_qkvpacked(qkv, num_heads, mask=None, scale=None, dropout_p=0.0):

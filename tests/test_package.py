@@ -77,7 +77,7 @@ def test_wheel_ships_the_cuda_sources(tmp_path):
     assert "fastvit/kernels/mlp.py" in names and "fastvit/_ext.py" in names
 
 
-@pytest.mark.parametrize("section", ["Quickstart", "Speed up an existing model", "An ordinary model: FX, export, ONNX, meta", "Models"])
+@pytest.mark.parametrize("section", ["Quickstart", "See inside a ViT", "Speed up an existing model", "An ordinary model: FX, export, ONNX, meta", "Models"])
 def test_readme_examples_run(section):
     readme = (ROOT / "README.md").read_text()
     text = readme.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]

@@ -45,6 +45,8 @@ class Attention(nn.Module):
     ``dropout`` drops attention probabilities; None (SimpleViT) has no dropout module.
     """
 
+    _fv_attention_layer = True  # a softmax self-attention layer calling fastvit's attention op (fastvit.viz)
+
     def __init__(self, dim: int, heads: int, dim_head: int, to_out: nn.Module, dropout: float | None = 0.0):
         super().__init__()
         self.heads, self.dim_head = heads, dim_head

@@ -20,6 +20,7 @@ class Attention(nn.Module):
     """
 
     __prepare_scriptable__ = not_scriptable  # TorchScript: one clear error (fastvit/_torchscript.py)
+    _fv_attention_layer = True  # a softmax self-attention layer calling fastvit's attention op (fastvit.viz)
 
     def __init__(
         self,

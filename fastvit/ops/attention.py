@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+from collections.abc import Callable
 
 import torch
 
@@ -48,6 +50,23 @@ backend.register(
     "attention_qkvpacked", "triton", _triton_attention_qkvpacked,
     lambda qkv, num_heads, mask, scale, dropout_p: _triton_why_not(qkv, qkv.shape[-1] // (3 * num_heads)),
 )
+
+
+# Callbacks (q, k, mask, scale) that the attention fronts call with each call's checked inputs, innermost
+# last (fastvit.viz's attention maps). A plain list: torch.compile guards on it without a graph break.
+_OBSERVERS: list[Callable] = []
+
+
+@contextlib.contextmanager
+def observing(callback: Callable):
+    """While active, every :func:`attention` / :func:`attention_qkvpacked` call first passes its q, k
+    (B, H, N, D) views, mask and scale to ``callback`` (the innermost one when nested); the op itself
+    runs as usual, on its backend."""
+    _OBSERVERS.append(callback)
+    try:
+        yield
+    finally:
+        _OBSERVERS.remove(callback)
 
 
 def _check_mask_scale_dropout(mask, scale, dropout_p, target: tuple[int, int, int, int]) -> float:
@@ -104,6 +123,8 @@ def attention(
     check.same_device("q", q, k=k, v=v, mask=mask)
     q, k, v = cast(autocast_dtype(q), q, k, v)
     check.same_dtype("q", q, k=k, v=v)
+    if _OBSERVERS:
+        _OBSERVERS[-1](q, k, mask, scale)
     with autocast_off(q):
         return backend.dispatch("attention", q, k, v, mask, None if scale is None else float(scale), dropout_p)
 
@@ -133,6 +154,9 @@ def attention_qkvpacked(
     dropout_p = _check_mask_scale_dropout(mask, scale, dropout_p, (B, int(num_heads), N, N))
     check.same_device("qkv", qkv, mask=mask)
     (qkv,) = cast(autocast_dtype(qkv), qkv)
+    if _OBSERVERS:
+        q, k, _ = qkv.unflatten(-1, (3, int(num_heads), -1)).permute(2, 0, 3, 1, 4).unbind(0)
+        _OBSERVERS[-1](q, k, mask, scale)
     with autocast_off(qkv):
         return backend.dispatch(
             "attention_qkvpacked", qkv, int(num_heads), mask, None if scale is None else float(scale), dropout_p

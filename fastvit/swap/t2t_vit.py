@@ -178,6 +178,7 @@ class _T2TAttention(_Swapped):
     its ``scale`` (``qk_scale`` or head_dim ** -0.5) -> proj -> proj_drop."""
 
     _fv_kind, _fv_label, _fv_flag = "t2t_attention", "T2T-ViT Attention", "attention"
+    _fv_attention_layer = True  # calls ops.attention(_qkvpacked): fastvit.viz captures its maps
 
     @classmethod
     def _fv_matches(cls, m, env):

@@ -71,6 +71,7 @@ class _TimmAttention(_Swapped):
     scale_norm -> gate -> proj -> proj_drop. ``is_causal=True`` runs timm's own forward."""
 
     _fv_kind, _fv_label, _fv_flag = "timm_attention", "timm Attention", "attention"
+    _fv_attention_layer = True  # calls ops.attention(_qkvpacked): fastvit.viz captures its maps
     _fv_classes = "timm_attention"
 
     @classmethod

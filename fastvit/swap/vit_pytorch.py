@@ -36,6 +36,7 @@ class _VitpAttention(_Swapped):
     """vit-pytorch ``Attention`` (vit.py, simple_vit.py): LayerNorm, to_qkv, ops.attention_qkvpacked, to_out."""
 
     _fv_kind, _fv_label, _fv_flag = "vitp_attention", "vit-pytorch Attention", "attention"
+    _fv_attention_layer = True  # calls ops.attention(_qkvpacked): fastvit.viz captures its maps
     _fv_classes = "vitp_attention"
 
     @classmethod

@@ -124,6 +124,18 @@ def build_model(cfg: dict, num_classes: int, in_chans: int) -> nn.Module:
         raise ConfigError(f"--model {name} --model-kwargs {' '.join(cfg['model_kwargs'] or [])}: {e}") from None
 
 
+def load_trained(path: str | os.PathLike, argument: str = "checkpoint", ema: bool = True) -> tuple[nn.Module, dict]:
+    """The model a fastvit-train checkpoint holds (its EMA weights when it kept them and ``ema``), in eval
+    mode on the CPU, and the checkpoint (``config``, ``classes``, ...); errors name ``argument``."""
+    state = ckpt_io.load(path, argument)
+    cfg = state["config"]
+    in_chans = state.get("in_chans", 1 if cfg["data"] is None else 3)  # checkpoints before in_chans was saved
+    model = build_model(dict(cfg, backend=cfg.get("backend", "auto")), len(state["classes"]), in_chans)
+    weights = state["ema"] if ema and state.get("ema") is not None else state["model"]
+    model.load_state_dict(weights)
+    return model.eval(), state
+
+
 def blocks_of(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks (FSDP shards each one)."""
     for path in ("blocks", "transformer.layers"):
@@ -308,7 +320,8 @@ class Run:
         if not self.d.main:
             return
         state = {
-            "config": self.cfg, "classes": self.data.classes, "world_size": self.d.world, "model": model,
+            "config": self.cfg, "classes": self.data.classes, "in_chans": self.data.in_chans, "world_size": self.d.world,
+            "model": model,
             "ema": None if self.ema is None else self.model_state(self.ema.module), "optimizer": opt,
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "ranks": per_rank, "position": position, "best_top1": best, "history": history,

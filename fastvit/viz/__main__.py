@@ -1,0 +1,5 @@
+import sys
+
+from fastvit.viz.cli import main
+
+sys.exit(main())
