@@ -4,6 +4,8 @@ What is recognised, and what its forward becomes (``fastvit.ops``):
 
 - timm ``PatchEmbed``: ``patch_embed`` (size checks, dynamic padding, ``output_fmt`` and ``norm`` as timm);
 - timm ``HybridEmbed`` (hybrid CNN-stem ViTs): the backbone as it is, then ``patch_embed`` on its feature map;
+- timm ``AttentionPoolLatent`` (SigLIP's ``map`` head): ``attention`` of the latent queries against the
+  tokens, then ``norm`` + ``mlp`` as one ``layernorm_mlp`` call;
 - timm ``Attention``: ``attention_qkvpacked`` on the qkv projection's output (``attention`` on the
   normalised q, k with ``qk_norm``); ``scale_norm`` and the gate applied to the op's output as timm does;
 - timm ``Block``: ``norm2`` + ``Mlp`` as one ``layernorm_mlp`` call (exact GELU, tanh GELU or QuickGELU

@@ -15,6 +15,7 @@ from torch.fx import Proxy
 from fastvit import ops
 from fastvit.ops import _checks as check
 from fastvit.swap.core import (
+    _activation_name,
     _dropout_p,
     _drop_path_inactive,
     _head_dim_reason,
@@ -321,14 +322,66 @@ class _TimmHybridEmbed(_Swapped):
         return _embed_patches(self, x)
 
 
+_TIMM_POOL_ATTRS = {
+    "pos_embed", "latent", "latent_len", "num_heads", "head_dim", "q", "kv", "q_norm", "k_norm", "fused_attn",
+    "scale", "proj", "proj_drop", "mlp", "norm", "pool",
+}
+
+
 class _TimmAttentionPool(_Swapped):
-    """timm's ``AttentionPoolLatent`` (the ``map`` head of SigLIP): recognised so that the report says it
-    is not fused (a latent query against all tokens, once per image); its LayerNorm is swapped alone."""
+    """timm's ``AttentionPoolLatent`` (the ``map`` head of SigLIP): the latent queries (projected once,
+    shared by the batch) against all tokens as ops.attention, ``proj``, then ``norm`` + ``mlp`` as one
+    ops.layernorm_mlp call with the residual fused, then timm's pooling. A mask, a position embedding
+    or a changed submodule runs timm's own forward."""
 
     _fv_kind, _fv_label, _fv_flag = "timm_attention_pool", "timm AttentionPoolLatent", "attention"
     _fv_classes = "timm_attention_pool"
 
     @classmethod
     def _fv_why_not(cls, m, ctx):
-        return "the attention-pool head (global_pool='map') is not fused: it runs once per image, on one query"
+        reason = _unknown_attrs(type(m), "forward", _TIMM_POOL_ATTRS) or _missing_attrs(m, sorted(_TIMM_POOL_ATTRS))
+        if reason:
+            return reason
+        if m.pos_embed is not None:
+            return "pos_embed='abs': its table is added to the tokens first (timm's own forward)"
+        if m.mlp is not None:
+            return _timm_mlp_reason(m.norm, m.mlp, ctx.env)
+        return None
 
+    @classmethod
+    def _fv_describe(cls, m, ctx):
+        return "ops.attention" + (", norm + Mlp as ops.layernorm_mlp, residual fused" if m.mlp is not None else "")
+
+    @classmethod
+    def _fv_consumed(cls, m, ctx):
+        return () if m.mlp is None else (m.norm, m.mlp, *m.mlp.children())
+
+    @classmethod
+    def _fv_configure(cls, m, ctx):
+        return {"activation": "gelu" if m.mlp is None else _activation_name(m.mlp.act, ctx.env)}
+
+    def _fv_parts(self):
+        mlp = self.mlp
+        return (self.q, self.kv, self.q_norm, self.k_norm, self.proj, self.proj_drop, self.norm, mlp,
+                *(getattr(mlp, name, None) for name in ("fc1", "act", "fc2", "drop1", "drop2", "norm")))
+
+    def forward(self, x, attn_mask=None):
+        if attn_mask is not None or self.pos_embed is not None or not self._fv_intact():
+            return type(self)._fastvit_base.forward(self, x, **({} if attn_mask is None else {"attn_mask": attn_mask}))
+        B, N, C = x.shape
+        H, D, L = self.num_heads, self.head_dim, self.latent_len
+        with _Pin(self._fastvit_backend):
+            q = self.q(self.latent).reshape(1, L, H, D).transpose(1, 2).expand(B, -1, -1, -1)
+            k, v = self.kv(x).reshape(B, N, 2, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+            o = ops.attention(self.q_norm(q), self.k_norm(k), v, scale=self.scale)
+            x = self.proj_drop(self.proj(o.transpose(1, 2).reshape(B, L, C)))
+            if self.mlp is not None:
+                n, mlp = self.norm, self.mlp
+                x = ops.layernorm_mlp(x, n.weight, n.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
+                                      n.eps, residual=x, dropout_p=_dropout_p(mlp.drop1),
+                                      activation=self._fastvit_activation)
+        if self.pool == "token":
+            return x[:, 0]
+        if self.pool == "avg":
+            return x.mean(1)
+        return x
