@@ -125,6 +125,37 @@ def test_optimized_library_models(library, dispatches):
         torch.testing.assert_close(m.sum(-1), torch.ones(m.shape[:-1]))
 
 
+def test_any_image_size_the_model_takes():
+    """A dynamic-size model at 48 x 32: the grid follows the image (3 x 2 patches of 16)."""
+    model = fastvit.create_model("vit_tiny_patch16_224", img_size=32, depth=2, dynamic_img_size=True).eval()
+    maps = viz.attention_maps(model, torch.randn(1, 3, 48, 32))
+    assert maps[0].shape == (1, 3, 7, 7) and maps.grid == (3, 2)
+    assert viz.attention_rollout(maps).shape == viz.class_token_attention(maps).shape == (1, 3, 2)
+
+
+@pytest.mark.gpu
+def test_gpu_maps_under_bf16_autocast_are_the_eager_softmax_of_the_layer_inputs():
+    """On the GPU, Triton backend, bf16 autocast: each map is softmax(q k^T * scale) in fp32 of the bf16
+    q, k that the layer's qkv Linear makes from the layer's input in the same run."""
+    from fastvit import reference
+
+    model = fastvit.create_model("vit_small_patch16_224", depth=4).cuda().eval()
+    x = torch.randn(4, 3, 224, 224, device="cuda")
+    layers = viz.attention_layers(model)
+    seen, handles = _inputs_of(layers)
+    with fastvit.use_backend("triton"), torch.autocast("cuda", dtype=torch.bfloat16):
+        maps = viz.attention_maps(model, x)
+        for h in handles:
+            h.remove()
+        for (name, attn), got in zip(layers, maps):
+            qkv = attn.qkv(seen[name])  # bf16, as in the run
+            q, k, _ = qkv.reshape(4, 197, 3, 6, 64).permute(2, 0, 3, 1, 4)
+            expected = reference.attention_probs(q.float(), k.float(), None, attn.scale)
+            assert got.dtype == torch.float32 and got.shape == (4, 6, 197, 197)
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+            torch.testing.assert_close(got.sum(-1), torch.ones_like(got[..., 0]))
+
+
 def test_rollout_matches_a_hand_computed_case():
     # one head, a class token and two patches (grid 1 x 2), two layers
     a1 = [[0.5, 0.25, 0.25], [0.2, 0.6, 0.2], [0.1, 0.1, 0.8]]
