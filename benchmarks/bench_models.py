@@ -4,7 +4,9 @@ each backend available here, and torch.compile(fastvit).
 Images per second for inference (``no_grad``) and for a training step (forward + cross-entropy +
 backward + AdamW), in bf16 autocast with fp32 parameters (how timm trains) and in pure bf16, and peak
 memory, over a batch sweep, at timm's ``vit_small_patch16_224``, ``vit_base_patch16_224``,
-``vit_large_patch16_224`` (timm eager runs with its fused SDPA on) and T2T-ViT-14, whose baseline is the
+``vit_large_patch16_224`` (timm eager runs with its fused SDPA on), the fine-tuned families at 224 px with a
+1000-class head (CLIP ViT-B/16 with QuickGELU, SigLIP ViT-B/16 with its attention-pool head, DINOv2 ViT-S/14
+with registers: one batch each) and T2T-ViT-14, whose baseline is the
 official formulation (tests/official_t2t.py, the yitu-opensource/T2T-ViT code written out; it runs under
 autocast only — its float32 feature casts fail in pure bf16, so pure bf16 has no official variants).
 CUDA events (``common.cuda_time``, median with p20/p80) after untimed warm-up steps that compile and
@@ -44,19 +46,43 @@ OFFICIAL_T2T = ROOT.parent / "tests" / "official_t2t.py"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A benchmarked model: its label, forward GFLOP per image at 224, and batch sweep."""
+    """A benchmarked model: its label, forward GFLOP per image at 224, batch sweep, and the keyword
+    arguments both timm's and fastvit's ``create_model`` get (224 px, 1000 classes for the loss)."""
 
     label: str
     gflops: float
     batches: tuple[int, ...]
     quick_batch: int | None = None
+    kwargs: tuple[tuple[str, object], ...] = ()
 
 
+def vit_gflops(dim: int, depth: int, patch: int, prefix: int = 1, mlp_ratio: float = 4.0, img: int = 224,
+               map_head: bool = False) -> float:
+    """Forward GFLOP per image (2 x MACs) of a ViT: the patch projection, per block 4 d^2 (qkv, proj) +
+    2 * mlp_ratio * d^2 (MLP) MACs per token and 2 N^2 d for q k^T and p v, and SigLIP's attention-pool
+    head (``map_head``: kv over the patches, one query, its MLP). ViT-B/16 gives 35.1 (timm: 17.6 GMACs)."""
+    patches = (img // patch) ** 2
+    n = patches + prefix
+    macs = patches * 3 * patch * patch * dim
+    macs += depth * (n * (4 + 2 * mlp_ratio) * dim * dim + 2 * n * n * dim)
+    if map_head:
+        macs += patches * 2 * dim * dim + 2 * patches * dim + (2 + 2 * mlp_ratio) * dim * dim
+    return 2 * macs / 1e9
+
+
+_IMAGENET_HEAD = (("num_classes", 1000), ("img_size", 224))
 MODELS = {
     "vit_small_patch16_224": ModelSpec("ViT-S/16", 9.2, (64, 128, 256)),  # 4.6 GMACs
     "vit_base_patch16_224": ModelSpec("ViT-B/16", 35.2, (64, 128, 256), quick_batch=128),  # 17.6 GMACs
     "vit_large_patch16_224": ModelSpec("ViT-L/16", 123.2, (32, 64, 128)),  # 61.6 GMACs
     "t2t_vit_14": ModelSpec("T2T-ViT-14", 9.6, (32, 64, 128), quick_batch=64),  # 4.8 GMACs (paper)
+    # the families people fine-tune, at 224 px with a 1000-class head
+    "vit_base_patch16_clip_quickgelu_224": ModelSpec(
+        "CLIP ViT-B/16 (QuickGELU)", vit_gflops(768, 12, 16), (128,), kwargs=_IMAGENET_HEAD),
+    "vit_base_patch16_siglip_224": ModelSpec(
+        "SigLIP ViT-B/16 (map head)", vit_gflops(768, 12, 16, prefix=0, map_head=True), (128,), kwargs=_IMAGENET_HEAD),
+    "vit_small_patch14_reg4_dinov2": ModelSpec(
+        "DINOv2 ViT-S/14 (4 registers)", vit_gflops(384, 12, 14, prefix=5), (128,), kwargs=_IMAGENET_HEAD),
 }
 DTYPES = ("bf16 autocast", "bf16")
 MODES = ("inference", "train")
@@ -111,10 +137,12 @@ def _variants(name: str, train: bool, dtype: str) -> dict[str, Variant]:
 
         return Variant(make, **kw)
 
+    kwargs = dict(MODELS[name].kwargs)
+
     def fastvit_model():
         import fastvit
 
-        return fastvit.create_model(name)
+        return fastvit.create_model(name, **kwargs)
 
     if name.startswith("t2t_vit"):
         base, label = (official_t2t_vit_14 if OFFICIAL_T2T.is_file() and autocast else None), "official"
@@ -122,7 +150,7 @@ def _variants(name: str, train: bool, dtype: str) -> dict[str, Variant]:
         def base():
             import timm
 
-            return timm.create_model(name)
+            return timm.create_model(name, **kwargs)
         label = "timm"
     out = {}
     if base is not None:
