@@ -122,6 +122,9 @@ TIMM_CASES = [
     ("vit_base_patch16_siglip_gap_224", dict(img_size=32, depth=2)),
     ("vit_tiny_r_s16_p8_224", dict(img_size=64, depth=2)),
     ("vit_tiny_patch16_224", dict(img_size=40, depth=2, dynamic_img_size=True, dynamic_img_pad=True)),
+    # the attention-pool head after a class token and registers: it reads the patch tokens only
+    ("vit_tiny_patch16_224", dict(img_size=32, depth=2, global_pool="map", reg_tokens=2)),
+    ("vit_tiny_patch16_224", dict(img_size=32, depth=2, global_pool="map", pool_include_prefix=True)),
 ]
 
 
@@ -334,6 +337,36 @@ def test_checkpoint_position_table_resampled_like_timm(tmp_path, name):
     x = image(2, ref.patch_embed.img_size)
     with torch.no_grad():
         assert_close(model(x), ref(x), "features at the new size")
+
+
+def test_review_findings_against_timm():
+    """Cases a review found: CLIP's norm_pre keeps the residual stream fp32 under autocast (as timm), the
+    distilled DeiT keeps fix_init, a fixed-size model with dynamic_img_pad still checks the size, errors
+    name out_indices, is_causal=True is refused, a pruned T2T-ViT returns tokens."""
+    kwargs = dict(img_size=32, depth=2)
+    ref = randomize(timm.create_model("vit_base_patch16_clip_224", **kwargs)).eval()
+    model = create_model("vit_base_patch16_clip_224", **kwargs).eval()
+    model.load_state_dict(ref.state_dict())
+    x = image(2, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        ours = model.forward_intermediates(x, intermediates_only=True)
+        theirs = ref.forward_intermediates(x, intermediates_only=True)
+    assert [t.dtype for t in ours] == [t.dtype for t in theirs] == [torch.float32] * 2
+
+    distilled = create_model("deit_tiny_distilled_patch16_224", img_size=32, depth=4, fix_init=True)
+    stds = [blk.attn.proj.weight.std().item() for blk in distilled.blocks]
+    assert 1.6 < stds[0] / stds[3] < 2.5  # fix_init divides block i by sqrt(2 (i + 1)): 2x between 0 and 3
+
+    padded = create_model("vit_tiny_patch16_224", img_size=32, depth=1, dynamic_img_pad=True)
+    with pytest.raises(ValueError, match=r"image size \(27, 30\)"):
+        padded(image(1, (27, 30)))
+    with pytest.raises(ValueError, match="out_indices must be block indices"):
+        create_model("vit_tiny_patch16_224", img_size=32, depth=2, features_only=True, out_indices=(5,))
+    with pytest.raises(ValueError, match="is_causal"):
+        padded.forward_features(image(1, 32), is_causal=True)
+    t2t = create_model("t2t_vit_7", img_size=32, depth=3)
+    t2t.prune_intermediate_layers(2)
+    assert t2t.forward_head(torch.randn(1, 5, 256)).shape == (1, 5, 256)
 
 
 def test_t2t_vit_feature_api():

@@ -742,3 +742,5 @@ def test_timm_attention_pool_variants():
     positioned = nn.Sequential(AttentionPoolLatent(64, num_heads=4, feat_size=9, pos_embed="abs", norm_layer=nn.LayerNorm))
     report = fastvit.optimize(positioned)
     assert "pos_embed" in {e.name: e.detail for e in report.left_alone}["0"], str(report)
+    report = fastvit.optimize(nn.Sequential(AttentionPoolLatent(64, num_heads=4)))  # timm's default: no norm
+    assert "norm is Identity" in {e.name: e.detail for e in report.left_alone}["0"], str(report)

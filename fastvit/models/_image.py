@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from fastvit import ops
+from fastvit._autocast import autocast_off
 from fastvit._fx import leaf
 from fastvit.models._pos_embed import posemb_sincos_table
 from fastvit.models.convert import resample_pos_embed
@@ -73,3 +75,11 @@ def pad_to_patches(x: torch.Tensor, name: str, patch_size: tuple[int, int]) -> t
     (H, W), (ph, pw) = x.shape[-2:], patch_size
     pad_h, pad_w = (ph - H % ph) % ph, (pw - W % pw) % pw
     return torch.nn.functional.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+
+
+@leaf
+def layer_norm_keep_dtype(x: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
+    """ops.layer_norm with the output in x's dtype also under autocast: for a LayerNorm whose output is
+    the residual stream itself (``norm_pre``), which timm keeps in fp32."""
+    with autocast_off(x):
+        return ops.layer_norm(x, weight, bias, eps)

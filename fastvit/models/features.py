@@ -10,26 +10,33 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
-def take_indices(num_blocks: int, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
+def take_indices(num_blocks: int, indices: int | Sequence[int] | None, name: str = "indices") -> tuple[list[int], int]:
     """timm's ``feature_take_indices``: the last ``indices`` blocks (int), these blocks (a sequence;
-    negative counts from the end) or all of them (None), as indices from the first; and their maximum."""
+    negative counts from the end) or all of them (None), as indices from the first; and their maximum.
+    Errors name the argument ``name``."""
     if indices is None:
         indices = num_blocks
     if isinstance(indices, bool) or not isinstance(indices, (int, Sequence)):
-        raise TypeError(f"indices must be an int, a sequence of ints or None, got {indices!r}")
+        raise TypeError(f"{name} must be an int, a sequence of ints or None, got {indices!r}")
     if isinstance(indices, int):
         if not 0 < indices <= num_blocks:
-            raise ValueError(f"indices (the last n blocks) must be in 1..{num_blocks}, got {indices}")
+            raise ValueError(f"{name} (the last n blocks) must be in 1..{num_blocks}, got {indices}")
         take = list(range(num_blocks - indices, num_blocks))
     else:
         take = []
         for i in indices:
             if isinstance(i, bool) or not isinstance(i, int) or not -num_blocks <= i < num_blocks:
-                raise ValueError(f"indices must be block indices in {-num_blocks}..{num_blocks - 1}, got {list(indices)}")
+                raise ValueError(f"{name} must be block indices in {-num_blocks}..{num_blocks - 1}, got {list(indices)}")
             take.append(i + num_blocks if i < 0 else i)
         if not take:
-            raise ValueError("indices must name at least one block")
+            raise ValueError(f"{name} must name at least one block")
     return take, max(take)
+
+
+def non_causal(is_causal: bool) -> None:
+    """timm's ``is_causal`` argument: fastvit's attention is bidirectional (ViTs), so only False."""
+    if is_causal:
+        raise ValueError("is_causal=True: fastvit's attention is non-causal (bidirectional, as ViTs use it)")
 
 
 class IntermediatesMixin:
@@ -66,6 +73,7 @@ class IntermediatesMixin:
         intermediates_only: bool = False,
         output_dict: bool = False,
         attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
     ):
         """timm's feature API. x: (B, C, H, W) -> (final tokens after ``norm``, [block outputs]), or only
         the list with ``intermediates_only``, or a dict (``image_features``, ``image_intermediates``,
@@ -78,6 +86,7 @@ class IntermediatesMixin:
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        non_causal(is_causal)
         take, max_index = take_indices(len(self.blocks), indices)
         B = x.shape[0]
         x, (gh, gw) = self._tokens(x)
@@ -172,10 +181,11 @@ class FeatureGetterNet(nn.ModuleDict):
         super().__init__()
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices(len(model.blocks), out_indices, "out_indices")  # checked here, to name the argument
         if prune:
             out_indices = model.prune_intermediate_layers(out_indices, prune_norm=not norm)
         else:
-            out_indices, _ = take_indices(len(model.blocks), out_indices)
+            out_indices, _ = take_indices(len(model.blocks), out_indices, "out_indices")
         self.feature_info = FeatureInfo(model.feature_info, out_indices)
         self.model = model
         self.out_indices = out_indices

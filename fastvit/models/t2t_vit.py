@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastvit.models.features import IntermediatesMixin
+from fastvit.models.features import IntermediatesMixin, non_causal
 from fastvit.models._image import check_image
 from fastvit.models._pos_embed import get_sinusoid_encoding
 from fastvit.nn import Block, LayerNorm, SoftSplit, TokenPerformer
@@ -95,8 +95,8 @@ class T2TViT(IntermediatesMixin, nn.Module):
         norm_eps: float = 1e-5,
     ):
         super().__init__()
-        if global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool must be 'token' or 'avg' for T2TViT, got {global_pool!r}")
+        if global_pool not in ("token", "avg", ""):
+            raise ValueError(f"global_pool must be 'token', 'avg' or '' for T2TViT, got {global_pool!r}")
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
@@ -147,9 +147,9 @@ class T2TViT(IntermediatesMixin, nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """New head of ``num_classes`` outputs (0: identity); optionally another ``global_pool``."""
-        if global_pool:
-            if global_pool not in ("token", "avg"):
-                raise ValueError(f"global_pool must be 'token' or 'avg' for T2TViT, got {global_pool!r}")
+        if global_pool is not None:
+            if global_pool not in ("token", "avg", ""):
+                raise ValueError(f"global_pool must be 'token', 'avg' or '' for T2TViT, got {global_pool!r}")
             self.global_pool = global_pool
         self.num_classes = num_classes
         kw = {"device": self.cls_token.device, "dtype": self.cls_token.dtype}
@@ -164,13 +164,18 @@ class T2TViT(IntermediatesMixin, nn.Module):
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1).to(x), x), dim=1)
         return self.pos_drop(x + self.pos_embed), self.tokens_to_token.grid_size
 
-    def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
         """(B, C, H, W) -> tokens (B, 1 + H/16 * W/16, embed_dim) after the blocks and ``norm``."""
+        non_causal(is_causal)
         return self.norm(self._run_blocks(self._tokens(x)[0], attn_mask))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Tokens (B, N, D) -> logits (B, num_classes), or pooled features (B, D) with ``pre_logits``."""
-        x = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens:].mean(dim=1)
+        """Tokens (B, N, D) -> logits (B, num_classes), or pooled features (B, D) with ``pre_logits``
+        (``global_pool=''``: no pooling, the tokens)."""
+        if self.global_pool == "token":
+            x = x[:, 0]
+        elif self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens:].mean(dim=1)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from fastvit import reference
-from fastvit.models._image import check_image, pad_to_patches, pos_for_image, promote
+from fastvit.models._image import check_image, layer_norm_keep_dtype, pad_to_patches, pos_for_image, promote
 from fastvit.models._pos_embed import posemb_sincos_table
-from fastvit.models.features import IntermediatesMixin
+from fastvit.models.features import IntermediatesMixin, non_causal
 from fastvit.nn import AttentionPoolLatent, Block, LayerNorm, PatchEmbed
 
 GLOBAL_POOLS = ("", "token", "avg", "avgmax", "max", "map")
@@ -188,7 +188,7 @@ class VisionTransformer(IntermediatesMixin, nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         """timm's parameter grouping (layer-wise LR decay): the embedding, then one group per block."""
-        return dict(stem=r"^cls_token|^pos_embed|^reg_token|^patch_embed",
+        return dict(stem=r"^cls_token|reg_token|pos_embed|patch_embed|norm_pre",
                     blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
     def get_classifier(self) -> nn.Module:
@@ -217,16 +217,16 @@ class VisionTransformer(IntermediatesMixin, nn.Module):
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         pe = self.patch_embed
         n_prefix = self.num_prefix_tokens
-        if self.dynamic_img_pad:
-            x = pad_to_patches(x, "x", pe.patch_size)
         if self.dynamic_img_size:
+            if self.dynamic_img_pad:
+                x = pad_to_patches(x, "x", pe.patch_size)
             x = check_image(x, "x", pe.patch_size)
             pos = pos_for_image(x, self.pos_embed, pe.patch_size, pe.grid_size, 0 if self.no_embed_class else n_prefix,
                                 self.pos_embed_type == "sincos")
         else:
             x = check_image(x, "x", pe.patch_size, pe.img_size,
                             ": build the model with that img_size or dynamic_img_size=True")
-            pos = self.pos_embed
+            pos = self.pos_embed  # (dynamic_img_pad has nothing to pad at the model's own size)
         params = prefix = self._prefix_params()
         if len(prefix) == 1 and self.cls_token is not None and (pos is None or not self.no_embed_class):
             x = pe(x, pos, self.cls_token)
@@ -245,19 +245,26 @@ class VisionTransformer(IntermediatesMixin, nn.Module):
         """(B, C, H, W) -> the tokens entering the first block, and the patch grid (gh, gw)."""
         ph, pw = self.patch_embed.patch_size
         H, W = x.shape[-2:]
-        grid = (-(-H // ph), -(-W // pw)) if self.dynamic_img_pad else (H // ph, W // pw)
-        return self.norm_pre(self._embed(x)), grid
+        padded = self.dynamic_img_size and self.dynamic_img_pad
+        grid = (-(-H // ph), -(-W // pw)) if padded else (H // ph, W // pw)
+        return self._norm_pre(self._embed(x)), grid
 
-    def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _norm_pre(self, x: torch.Tensor) -> torch.Tensor:
+        # its output is the residual stream: in the stream's dtype (fp32 under autocast, as timm's)
+        n = self.norm_pre
+        return x if isinstance(n, nn.Identity) else layer_norm_keep_dtype(x, n.weight, n.bias, n.eps)
+
+    def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
         """(B, C, H, W) -> tokens (B, prefix + H/p * W/p, embed_dim) after the blocks and ``norm``
         (``attn_mask``: each block's attention mask, broadcast to (B, heads, N, N), True = attend)."""
-        x = self.norm_pre(self._embed(x))
+        non_causal(is_causal)
+        x = self._norm_pre(self._embed(x))
         return self.norm(self._run_blocks(x, attn_mask))
 
     def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
         """(B, N, D) -> (B, D) by ``global_pool`` (or ``pool_type``); ``''`` returns x unchanged."""
         if self.attn_pool is not None:
-            return self.attn_pool(x)
+            return self.attn_pool(x if self.pool_include_prefix else x[:, self.num_prefix_tokens:])
         pool_type = self.global_pool if pool_type is None else pool_type
         if not pool_type:
             return x
@@ -289,6 +296,7 @@ class VisionTransformerDistilled(VisionTransformer):
 
     def __init__(self, *args, **kwargs):
         weight_init = kwargs.pop("weight_init", "")
+        fix_init = kwargs.pop("fix_init", False)
         super().__init__(*args, **kwargs, weight_init="skip")
         if self.global_pool != "token" or not self.has_class_token or self.num_reg_tokens:
             raise ValueError("the distilled DeiT needs global_pool='token', class_token=True and no reg_tokens: "
@@ -303,6 +311,8 @@ class VisionTransformerDistilled(VisionTransformer):
         self.distilled_training = False
         if weight_init != "skip":
             self.init_weights()
+        if fix_init:
+            self.fix_init_weight()
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -568,9 +568,9 @@ def _mlp_tail_reason(norm2, mlp, drops, env) -> str | None:
     return None
 
 
-def _norm2_reason(norm2, env) -> str | None:
+def _norm2_reason(norm2, env, name: str = "norm2") -> str | None:
     if not _is_ln(norm2, env):
-        return f"norm2 is {type(norm2).__name__}, not a LayerNorm over the last dim: the fused op takes a LayerNorm"
+        return f"{name} is {type(norm2).__name__}, not a LayerNorm over the last dim: the fused op takes a LayerNorm"
     return None
 
 

@@ -144,9 +144,9 @@ class _TimmAttention(_Swapped):
         return self.proj_drop(self.proj(o))
 
 
-def _timm_mlp_reason(norm2, mlp, env) -> str | None:
-    """Why ``norm2`` + timm's ``Mlp`` cannot become one ops.layernorm_mlp call."""
-    reason = _norm2_reason(norm2, env)
+def _timm_mlp_reason(norm2, mlp, env, norm_name: str = "norm2") -> str | None:
+    """Why ``norm2`` (attribute ``norm_name``) + timm's ``Mlp`` cannot become one ops.layernorm_mlp call."""
+    reason = _norm2_reason(norm2, env, norm_name)
     if reason:
         return reason
     if _orig_type(mlp) not in env.timm_mlp:
@@ -345,7 +345,7 @@ class _TimmAttentionPool(_Swapped):
         if m.pos_embed is not None:
             return "pos_embed='abs': its table is added to the tokens first (timm's own forward)"
         if m.mlp is not None:
-            return _timm_mlp_reason(m.norm, m.mlp, ctx.env)
+            return _timm_mlp_reason(m.norm, m.mlp, ctx.env, "norm")
         return None
 
     @classmethod
