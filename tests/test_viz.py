@@ -150,10 +150,44 @@ def test_gpu_maps_under_bf16_autocast_are_the_eager_softmax_of_the_layer_inputs(
         for (name, attn), got in zip(layers, maps):
             qkv = attn.qkv(seen[name])  # bf16, as in the run
             q, k, _ = qkv.reshape(4, 197, 3, 6, 64).permute(2, 0, 3, 1, 4)
-            expected = reference.attention_probs(q.float(), k.float(), None, attn.scale)
+            with torch.autocast("cuda", enabled=False):  # fp32 scores and softmax, not autocast's bf16 matmul
+                expected = reference.attention_probs(q.float(), k.float(), None, attn.scale)
             assert got.dtype == torch.float32 and got.shape == (4, 6, 197, 197)
             torch.testing.assert_close(got, expected, rtol=0, atol=0)
             torch.testing.assert_close(got.sum(-1), torch.ones_like(got[..., 0]))
+
+
+def test_review_findings(dispatches):
+    """Registers without a class token are not taken for one; maps are fp32 under autocast; hooks leave an
+    optimized timm Block fused (its MLP still one layernorm_mlp call); the grid comes from the model's
+    patch embedding (dynamic padding); rollout refuses layers out of order."""
+    regs = fastvit.create_model("vit_tiny_patch16_224", img_size=32, depth=2, class_token=False, reg_tokens=2,
+                                global_pool="avg").eval()
+    maps = viz.attention_maps(regs, torch.randn(1, 3, 32, 32))
+    assert maps.prefix_tokens == 2 and not maps.class_token
+    with pytest.raises(ValueError, match="no class token"):
+        viz.class_token_attention(maps)
+    rows = maps[0].mean(1)[:, 2:, 2:].mean(1)  # one layer: ((A + I) / 2) rows over the patches, averaged
+    expected = (rows + torch.eye(6)[2:, 2:].mean(0)) / 2
+    torch.testing.assert_close(viz.attention_rollout(maps[:1], grid=(2, 2), prefix_tokens=2, class_token=False),
+                               (expected / expected.amax()).reshape(1, 2, 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert viz.attention_maps(regs, torch.randn(1, 3, 32, 32))[0].dtype == torch.float32
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=3).eval()
+    fastvit.optimize(model, backend="triton")
+    dispatches.clear()
+    viz.attention_maps(model, torch.randn(1, 3, 32, 32))
+    assert dispatches[("layernorm_mlp", "triton")] == 3 and dispatches[("attention_qkvpacked", "triton")] == 3
+
+    padded = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, dynamic_img_size=True,
+                               dynamic_img_pad=True).eval()
+    fastvit.optimize(padded)
+    assert viz.attention_maps(padded, torch.randn(1, 3, 17, 31)).grid == (2, 2)
+    backwards = viz.attention_maps(regs, torch.randn(1, 3, 32, 32), layers=[1, 0])
+    assert backwards.names == ["blocks.1.attn", "blocks.0.attn"]
+    with pytest.raises(ValueError, match="in order"):
+        viz.attention_rollout(backwards)
 
 
 def test_rollout_matches_a_hand_computed_case():
@@ -266,7 +300,8 @@ def test_cli_end_to_end(tmp_path, capsys):
         (["attention", "--model", str(tmp_path / "missing.pt")], "no such checkpoint"),
         (["attention", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--layer", "12"], "--layer must index"),
         (["filters", "--model", "t2t_vit_7"], "no patch-embedding filters"),
+        (["filters", "--model", "vit_tiny_patch16_224", "--out", str(tmp_path / "noext")], "ending in .png"),
     ):
         capsys.readouterr()
-        assert viz_main([*args, "--out", str(tmp_path / "x.png")]) == 2
+        assert viz_main(args if "--out" in args else [*args, "--out", str(tmp_path / "x.png")]) == 2
         assert message in capsys.readouterr().err

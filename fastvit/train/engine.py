@@ -124,15 +124,21 @@ def build_model(cfg: dict, num_classes: int, in_chans: int) -> nn.Module:
         raise ConfigError(f"--model {name} --model-kwargs {' '.join(cfg['model_kwargs'] or [])}: {e}") from None
 
 
-def load_trained(path: str | os.PathLike, argument: str = "checkpoint", ema: bool = True) -> tuple[nn.Module, dict]:
+def load_trained(path: str | os.PathLike, argument: str = "checkpoint", ema: bool = True,
+                 backend: str | None = None) -> tuple[nn.Module, dict]:
     """The model a fastvit-train checkpoint holds (its EMA weights when it kept them and ``ema``), in eval
-    mode on the CPU, and the checkpoint (``config``, ``classes``, ...); errors name ``argument``."""
+    mode on the CPU, and the checkpoint (``config``, ``classes``, ...); ``backend`` replaces the one it was
+    trained with (for ``timm:`` models, which optimize pins it). Errors name ``argument``. The file is
+    unpickled: open only checkpoints you trust."""
     state = ckpt_io.load(path, argument)
     cfg = state["config"]
     in_chans = state.get("in_chans", 1 if cfg["data"] is None else 3)  # checkpoints before in_chans was saved
-    model = build_model(dict(cfg, backend=cfg.get("backend", "auto")), len(state["classes"]), in_chans)
+    model = build_model(dict(cfg, backend=backend or cfg.get("backend", "auto")), len(state["classes"]), in_chans)
     weights = state["ema"] if ema and state.get("ema") is not None else state["model"]
-    model.load_state_dict(weights)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(f"{argument} {path}: its weights do not fit the model its config builds ({e})") from None
     return model.eval(), state
 
 

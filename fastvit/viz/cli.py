@@ -27,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(s, out):
-        s.add_argument("--model", required=True, help="a fastvit.create_model name, or a fastvit-train checkpoint (.pt)")
+        s.add_argument("--model", required=True, help="a fastvit.create_model name, or a fastvit-train checkpoint (.pt; "
+                                                      "it is unpickled: only files you trust)")
         s.add_argument("--weights", help="a local timm / vit-pytorch / T2T-ViT checkpoint for a --model name")
         s.add_argument("--img-size", type=int, help="the model's image size (a --model name; default: its own)")
         s.add_argument("--out", default=out, help=f"the PNG to write (default: {out})")
@@ -58,7 +59,7 @@ def load_model(spec: str, weights: str | None = None, img_size: int | None = Non
         if weights or img_size:
             raise CliError("--weights and --img-size go with a --model name; a checkpoint holds its own")
         try:
-            model, state = load_trained(path, "--model")
+            model, state = load_trained(path, "--model", backend="auto")
         except (FileNotFoundError, ValueError) as e:
             raise CliError(str(e)) from None
         cfg = state["config"]
@@ -131,6 +132,8 @@ def run(argv: list[str] | None = None) -> Path:
     args = _parser().parse_args(argv)
     model, info = load_model(args.model, args.weights, args.img_size)
     out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise CliError(f"--out {args.out}: the picture is written as PNG: give a path ending in .png")
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         if args.command == "attention":

@@ -12,20 +12,23 @@ from torch import nn
 from fastvit import nn as fnn
 from fastvit import reference
 from fastvit.ops.attention import observing
-from fastvit.swap.core import _unwrap
+from fastvit._autocast import autocast_off
+from fastvit.swap.core import _Swapped, _unwrap
 
 _NOT_FOUND = ("{what} has no attention layer fastvit recognises: fastvit's models (fastvit.nn.Attention), or "
               "timm / vit-pytorch / T2T-ViT models after fastvit.optimize(model)")
 
 
 class AttentionMaps(list):
-    """A list of attention probabilities (B, H, N, N), one per chosen layer, with ``names`` (the layers'
-    module names), ``prefix_tokens`` (class / register / distillation tokens in front of the patches)
-    and ``grid`` (the patch grid (h, w), or None when it cannot be told from the token count)."""
+    """A list of attention probabilities (B, H, N, N), one per chosen layer, with ``layers`` (their
+    indices into :func:`attention_layers`) and ``names`` (module names), ``prefix_tokens`` (class /
+    register / distillation tokens in front of the patches), ``class_token`` (whether token 0 is a class
+    token) and ``grid`` (the patch grid (h, w), or None where it cannot be told)."""
 
-    def __init__(self, maps, names, prefix_tokens: int, grid: tuple[int, int] | None):
+    def __init__(self, maps, layers, names, prefix_tokens: int, class_token: bool, grid: tuple[int, int] | None):
         super().__init__(maps)
-        self.names, self.prefix_tokens, self.grid = list(names), prefix_tokens, grid
+        self.layers, self.names = list(layers), list(names)
+        self.prefix_tokens, self.class_token, self.grid = prefix_tokens, class_token, grid
 
 
 def _performer(m: nn.Module) -> bool:
@@ -65,8 +68,41 @@ def _prefix_tokens(model: nn.Module) -> int:
     return (cls.shape[-2] if cls.dim() == 3 else cls.shape[0]) if isinstance(cls, torch.Tensor) else 0
 
 
-def _grid(n_patches: int, height: int, width: int) -> tuple[int, int] | None:
-    """The (h, w) patch grid of n_patches tokens for an image of this aspect, if one fits exactly."""
+def _has_class_token(model: nn.Module) -> bool:
+    flag = getattr(model, "has_class_token", None)  # fastvit's and timm's VisionTransformer
+    if isinstance(flag, bool):
+        return flag
+    cls = getattr(model, "cls_token", None)  # T2T-ViT, vit-pytorch (0 rows with pool='mean')
+    return isinstance(cls, torch.Tensor) and cls.numel() > 0
+
+
+def _patch_size(model: nn.Module) -> tuple[int, int] | None:
+    seq = getattr(model, "to_patch_embedding", None)  # vit-pytorch layouts: fastvit's patch_size, or a Rearrange
+    size = getattr(seq, "patch_size", None)
+    if size is None and isinstance(seq, nn.Sequential):
+        r = next((x for x in seq if hasattr(x, "axes_lengths")), None)
+        if r is not None and {"p1", "p2"} <= set(r.axes_lengths):
+            size = (int(r.axes_lengths["p1"]), int(r.axes_lengths["p2"]))
+    return None if size is None else (int(size[0]), int(size[1]))
+
+
+def _grid(model: nn.Module, n_patches: int, height: int, width: int) -> tuple[int, int] | None:
+    """The (h, w) grid of the n_patches patch tokens ``model`` makes of a (height, width) image: from its
+    patch embedding, else the grid of the image's aspect that holds them; None if neither fits."""
+    grid = None
+    pe = getattr(model, "patch_embed", None)
+    if hasattr(pe, "dynamic_feat_size"):  # timm's PatchEmbed / HybridEmbed: its padding and CNN stride
+        grid = tuple(pe.dynamic_feat_size((height, width)))
+    elif getattr(pe, "patch_size", None) is not None:  # fastvit's
+        (ph, pw), ceil = pe.patch_size, getattr(model, "dynamic_img_size", False) and getattr(model, "dynamic_img_pad", False)
+        grid = (-(-height // ph), -(-width // pw)) if ceil else (height // ph, width // pw)
+    elif getattr(model, "tokens_to_token", None) is not None:  # T2T-ViT: total stride 16
+        grid = (height // 16, width // 16)
+    elif _patch_size(model) is not None:
+        ph, pw = _patch_size(model)
+        grid = (height // ph, width // pw)
+    if grid is not None and grid[0] * grid[1] == n_patches:
+        return grid
     if n_patches <= 0:
         return None
     h = max(1, round(math.sqrt(n_patches * height / width)))
@@ -74,6 +110,17 @@ def _grid(n_patches: int, height: int, width: int) -> tuple[int, int] | None:
         if gh > 0 and n_patches % gh == 0:
             return gh, n_patches // gh
     return None
+
+
+def _hook_target(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """The module whose forward brackets ``module``'s attention call without un-fusing anything: the
+    swapped Block that reads ``module`` in its fused path (hooks on a part make it fall back), else
+    ``module`` itself."""
+    if "." in name:
+        parent = model.get_submodule(name.rsplit(".", 1)[0])
+        if isinstance(parent, _Swapped) and any(p is module for p in parent._fv_parts()):
+            return parent
+    return module
 
 
 @torch.no_grad()
@@ -85,8 +132,9 @@ def attention_maps(model: nn.Module, images: torch.Tensor, layers=None, heads=No
     The probabilities are the eager formulation's, softmax(q k^T * scale + mask) over all tokens
     (class, register and distillation tokens included; masked keys 0; before attention dropout),
     computed from the q and k each chosen layer passes to fastvit's attention op. Every layer, the
-    chosen ones included, still runs its fused kernel (a timm Block whose fused norm1 reads the hooked
-    attention module runs its own forward around it). The model's train / eval mode is left as it is.
+    chosen ones included, still runs its fused kernels: the layer is bracketed by hooks on the module
+    that calls it (an optimized Block where that Block's fused path reads the attention module, which a
+    hook on the attention module itself would un-fuse). The model's train / eval mode is left as it is.
     """
     if not isinstance(images, torch.Tensor) or images.dim() not in (3, 4):
         raise ValueError(f"images must be a tensor (B, C, H, W) or (C, H, W), got "
@@ -104,7 +152,8 @@ def attention_maps(model: nn.Module, images: torch.Tensor, layers=None, heads=No
 
     def observe(q, k, mask, scale):
         if current:
-            captured[current[-1]] = reference.attention_probs(q.float(), k.float(), mask, scale)
+            with autocast_off(q):  # the probabilities in fp32 from the q, k the op got (bf16 under autocast)
+                captured[current[-1]] = reference.attention_probs(q.float(), k.float(), mask, scale)
 
     def enter(i):
         def hook(module, args):
@@ -114,15 +163,17 @@ def attention_maps(model: nn.Module, images: torch.Tensor, layers=None, heads=No
     def leave(module, args, out):
         current.pop()  # returns None: the module's output stays as it is
 
+    inner = _unwrap(model)
     handles = []
     for i in sorted(set(chosen)):
-        handles.append(found[i][1].register_forward_pre_hook(enter(i)))
-        handles.append(found[i][1].register_forward_hook(leave))
+        target = _hook_target(inner, *found[i])
+        handles.append(target.register_forward_pre_hook(enter(i)))
+        handles.append(target.register_forward_hook(leave))
     try:
         with observing(observe):
             try:
-                _unwrap(model)(images)
-            except (AssertionError, RuntimeError) as e:  # timm's size asserts, shape mismatches
+                inner(images)
+            except AssertionError as e:  # timm's size checks (torch._assert)
                 raise ValueError(f"images of shape {tuple(images.shape)}: the model cannot take them ({e})") from e
     finally:
         for h in handles:
@@ -135,9 +186,9 @@ def attention_maps(model: nn.Module, images: torch.Tensor, layers=None, heads=No
     if heads is not None:
         idx = _select("heads", heads, maps[0].shape[1], "heads")
         maps = [m[:, idx] for m in maps]
-    prefix = _prefix_tokens(_unwrap(model))
-    grid = _grid(maps[0].shape[-1] - prefix, images.shape[-2], images.shape[-1])
-    return AttentionMaps(maps, [found[i][0] for i in chosen], prefix, grid)
+    prefix = _prefix_tokens(inner)
+    grid = _grid(inner, maps[0].shape[-1] - prefix, images.shape[-2], images.shape[-1])
+    return AttentionMaps(maps, chosen, [found[i][0] for i in chosen], prefix, _has_class_token(inner), grid)
 
 
 _FUSIONS = ("mean", "max", "min")
@@ -177,25 +228,34 @@ def _on_grid(rows: torch.Tensor, maps, prefix_tokens, grid) -> torch.Tensor:
     return out / out.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]
 
 
-def _prefix(maps, prefix_tokens) -> int:
+def _prefix(maps, prefix_tokens, class_token) -> tuple[int, bool]:
     if prefix_tokens is None:
         prefix_tokens = getattr(maps, "prefix_tokens", 1)
     if isinstance(prefix_tokens, bool) or not isinstance(prefix_tokens, int) or prefix_tokens < 0:
         raise ValueError(f"prefix_tokens must be an int >= 0, got {prefix_tokens!r}")
-    return prefix_tokens
+    if class_token is None:
+        class_token = getattr(maps, "class_token", prefix_tokens > 0)
+    if class_token and prefix_tokens == 0:
+        raise ValueError("class_token=True needs prefix_tokens >= 1 (the class token is token 0)")
+    return prefix_tokens, bool(class_token)
 
 
 def attention_rollout(maps, discard_ratio: float = 0.0, head_fusion: str = "mean", prefix_tokens: int | None = None,
-                      grid: tuple[int, int] | None = None) -> torch.Tensor:
+                      grid: tuple[int, int] | None = None, class_token: bool | None = None) -> torch.Tensor:
     """Attention rollout (Abnar & Zuidema, 2020) over ``maps`` (the layers in order, each (B, H, N, N)):
     per layer, the heads fused (``head_fusion``), the lowest ``discard_ratio`` of each map's entries zeroed
-    (the class token's own entry kept), the identity added for the residual and the rows renormalised;
-    the product over layers. Returns the class token's row over the patches, (B, h, w) scaled to max 1
-    (without a class token, ``prefix_tokens=0``: the mean over all patch rows)."""
+    (token 0's own entry kept), the identity added for the residual and the rows renormalised; the product
+    over layers. Returns the class token's row over the patches, (B, h, w) scaled to max 1; without a
+    class token (registers only, or none), the mean over the patch rows. ``prefix_tokens``,
+    ``class_token`` and ``grid`` default to what :func:`attention_maps` recorded."""
     a = _stack(maps)
     if not 0.0 <= discard_ratio < 1.0:
         raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio!r}")
-    prefix = _prefix(maps, prefix_tokens)
+    order = getattr(maps, "layers", None)
+    if order is not None and any(b <= a_ for a_, b in zip(order, order[1:])):
+        raise ValueError(f"attention_rollout multiplies the layers in order: maps of layers {order} are not "
+                         "increasing (ask attention_maps for them in order, each once)")
+    prefix, cls = _prefix(maps, prefix_tokens, class_token)
     L, B, _, N, _ = a.shape
     eye = torch.eye(N, dtype=a.dtype, device=a.device)
     result = eye.expand(B, N, N)
@@ -209,16 +269,16 @@ def attention_rollout(maps, discard_ratio: float = 0.0, head_fusion: str = "mean
         step = (fused + eye) / 2
         step = step / step.sum(dim=-1, keepdim=True)
         result = step @ result
-    rows = result[:, 0, prefix:] if prefix else result[:, prefix:, prefix:].mean(dim=1)
+    rows = result[:, 0, prefix:] if cls else result[:, prefix:, prefix:].mean(dim=1)
     return _on_grid(rows, maps, prefix, grid)
 
 
 def class_token_attention(maps, head_fusion: str = "mean", prefix_tokens: int | None = None,
-                          grid: tuple[int, int] | None = None) -> torch.Tensor:
+                          grid: tuple[int, int] | None = None, class_token: bool | None = None) -> torch.Tensor:
     """Where the class token looks in the last of ``maps``: its attention row over the patches, heads
     fused by ``head_fusion``, as (B, h, w) scaled to max 1."""
     a = _stack(maps)[-1]
-    prefix = _prefix(maps, prefix_tokens)
-    if prefix == 0:
-        raise ValueError("the model has no class token (prefix_tokens=0): use attention_rollout")
+    prefix, cls = _prefix(maps, prefix_tokens, class_token)
+    if not cls:
+        raise ValueError("the model has no class token: use attention_rollout (the mean over the patch rows)")
     return _on_grid(_fuse(a, head_fusion)[:, 0, prefix:], maps, prefix, grid)

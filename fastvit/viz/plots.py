@@ -54,7 +54,7 @@ def overlay(image, heat, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
     import matplotlib
 
     img = _as_hwc(image)
-    heat = torch.as_tensor(heat, dtype=torch.float32)
+    heat = torch.as_tensor(heat).detach().float().cpu()
     if heat.dim() == 3 and heat.shape[0] == 1:
         heat = heat[0]
     if heat.dim() != 2:
@@ -73,7 +73,7 @@ def plot_attention(image, maps, discard_ratio: float = 0.9, head_fusion: str = "
     """The image, where the class token looks in the last map, and the attention rollout over all maps,
     side by side (``maps``: :func:`fastvit.viz.attention_maps` of one image, or its first image)."""
     panels = [("image", _as_hwc(image))]
-    if getattr(maps, "prefix_tokens", 1):
+    if getattr(maps, "class_token", True):
         panels.append((f"class token, {getattr(maps, 'names', ['last layer'])[-1]}",
                        overlay(image, class_token_attention(maps, head_fusion="mean")[0])))
     panels.append((f"rollout ({head_fusion}, discard {discard_ratio:g})",
@@ -97,7 +97,7 @@ def position_table(model: nn.Module) -> tuple[torch.Tensor, tuple[int, int]]:
         table = getattr(m, "pos_embedding", None)
     if not isinstance(table, torch.Tensor):
         raise ValueError(f"{type(m).__name__} has no position embedding table (pos_embed or pos_embedding)")
-    table = table.detach().float().reshape(-1, table.shape[-1])
+    table = table.detach().float().cpu().reshape(-1, table.shape[-1])
     prefix = 0 if getattr(m, "no_embed_class", False) else _prefix_tokens(m)
     table = table[prefix:]
     grid = None
@@ -145,7 +145,7 @@ def patch_filters(model: nn.Module) -> torch.Tensor:
         raise ValueError(f"{type(m).__name__} is a hybrid: its patch projection reads a CNN's feature map, not pixels")
     proj = getattr(pe, "proj", None)
     if isinstance(proj, nn.Conv2d):
-        return proj.weight.detach().float()
+        return proj.weight.detach().float().cpu()
     seq = getattr(m, "to_patch_embedding", None)
     if isinstance(seq, nn.Sequential):  # fastvit's ViT (a patch_size) or vit-pytorch's (a Rearrange's p1, p2)
         size = getattr(seq, "patch_size", None)
@@ -154,7 +154,7 @@ def patch_filters(model: nn.Module) -> torch.Tensor:
             size = (int(rearrange.axes_lengths["p1"]), int(rearrange.axes_lengths["p2"]))
         linear = next((x for x in seq if isinstance(x, nn.Linear)), None)
         if size is not None and linear is not None:
-            w = linear.weight.detach().float()  # (D, p1 * p2 * c): patches flattened (p1 p2 c)
+            w = linear.weight.detach().float().cpu()  # (D, p1 * p2 * c): patches flattened (p1 p2 c)
             return w.reshape(w.shape[0], size[0], size[1], -1).permute(0, 3, 1, 2)
     raise ValueError(f"{type(m).__name__} has no patch-embedding filters fastvit knows (patch_embed.proj or "
                      "to_patch_embedding); T2T-ViT's soft split feeds a Performer, not a patch projection")
