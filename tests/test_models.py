@@ -149,12 +149,17 @@ def test_timm_state_dict_loads_strict_and_matches(name, kwargs):
 def test_qk_norm_and_no_proj_bias_on_triton_match_timm():
     """qk_norm (a LayerNorm over each head's q and k, then ops.attention) and proj_bias=False (no bias
     on attn.proj, mlp.fc1, mlp.fc2) on the Triton backend, against timm."""
-    kwargs = dict(img_size=32, depth=2, qk_norm=True, proj_bias=False)
-    ref = randomize(timm.create_model("vit_tiny_patch16_224", **kwargs)).eval()
-    model = create_model("vit_tiny_patch16_224", **kwargs).eval()
-    model.load_state_dict(ref.state_dict())
+    model = triton_matches_timm("vit_tiny_patch16_224", dict(img_size=32, depth=2, qk_norm=True, proj_bias=False))
     assert "blocks.0.attn.q_norm.weight" in model.state_dict() and "blocks.0.mlp.fc1.bias" not in model.state_dict()
-    x = image(2, 32)
+
+
+def triton_matches_timm(name: str, kwargs: dict) -> torch.nn.Module:
+    """fastvit's ``name`` on the Triton backend against timm's with the same (perturbed) weights: logits
+    and every parameter's gradient. Returns fastvit's model."""
+    ref = randomize(timm.create_model(name, **kwargs)).eval()
+    model = create_model(name, **kwargs).eval()
+    model.load_state_dict(ref.state_dict())
+    x = image(2, kwargs["img_size"])
     with fastvit.use_backend("triton"):
         out = model(x)
         out.square().sum().backward()
@@ -170,6 +175,7 @@ def test_qk_norm_and_no_proj_bias_on_triton_match_timm():
             assert p.grad.abs().max().item() <= RTOL * largest, n
             continue
         assert_close(p.grad, ref_grads[n].grad, f"grad of {n} on triton")
+    return model
 
 
 FAMILY_CASES = [
@@ -185,20 +191,7 @@ FAMILY_CASES = [
 def test_families_on_triton_match_timm(name, kwargs):
     """Each family's fastvit model on the Triton backend (the interpreter here): logits and every
     parameter's gradient against timm's model with the same weights."""
-    kwargs = dict(kwargs, depth=2)
-    ref = randomize(timm.create_model(name, **kwargs)).eval()
-    model = create_model(name, **kwargs).eval()
-    model.load_state_dict(ref.state_dict())
-    x = image(2, kwargs["img_size"])
-    with fastvit.use_backend("triton"):
-        out = model(x)
-        out.square().sum().backward()
-    expected = ref(x)
-    expected.square().sum().backward()
-    assert_close(out, expected, "logits on triton")
-    ref_grads = dict(ref.named_parameters())
-    for n, p in model.named_parameters():
-        assert_close(p.grad, ref_grads[n].grad, f"grad of {n} on triton")
+    triton_matches_timm(name, dict(kwargs, depth=2))
 
 
 INTERMEDIATE_CASES = [

@@ -258,8 +258,7 @@ class VisionTransformer(IntermediatesMixin, nn.Module):
         """(B, C, H, W) -> tokens (B, prefix + H/p * W/p, embed_dim) after the blocks and ``norm``
         (``attn_mask``: each block's attention mask, broadcast to (B, heads, N, N), True = attend)."""
         non_causal(is_causal)
-        x = self._norm_pre(self._embed(x))
-        return self.norm(self._run_blocks(x, attn_mask))
+        return self.norm(self._run_blocks(self._tokens(x)[0], attn_mask))
 
     def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
         """(B, N, D) -> (B, D) by ``global_pool`` (or ``pool_type``); ``''`` returns x unchanged."""
@@ -329,8 +328,7 @@ class VisionTransformerDistilled(VisionTransformer):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r"^cls_token|pos_embed|patch_embed|dist_token",
-                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+        return dict(super().group_matcher(coarse), stem=r"^cls_token|pos_embed|patch_embed|dist_token")
 
     @torch.jit.ignore
     def set_distilled_training(self, enable: bool = True) -> None:

@@ -261,7 +261,6 @@ class _TimmPatchEmbed(_Swapped):
     _fv_kind, _fv_label, _fv_flag = "timm_patch_embed", "timm PatchEmbed", "embed"
     _fv_classes = "timm_patch_embed"
 
-    _fv_conv_reason = staticmethod(_patch_conv_reason)
 
     @classmethod
     def _fv_why_not(cls, m, ctx):
@@ -269,7 +268,7 @@ class _TimmPatchEmbed(_Swapped):
             or _missing_attrs(m, ("img_size", "patch_size", "proj", "flatten", "output_fmt", "norm"))
         if reason:
             return reason
-        return cls._fv_conv_reason(m) or _format_reason(m)
+        return _patch_conv_reason(m) or _format_reason(m)
 
     @classmethod
     def _fv_describe(cls, m, ctx):
@@ -279,7 +278,7 @@ class _TimmPatchEmbed(_Swapped):
         return (self.proj,)
 
     def forward(self, x):
-        if not self._fv_intact() or self._fv_conv_reason(self) is not None:
+        if not self._fv_intact() or _patch_conv_reason(self) is not None:
             return type(self)._fastvit_base.forward(self, x)
         H, W = x.shape[-2:]
         ph, pw = self.patch_size

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fastvit.swap.core import _unwrap
-from fastvit.viz.maps import _prefix_tokens, attention_rollout, class_token_attention
+from fastvit.viz.maps import _patch_size, _prefix_tokens, attention_rollout, class_token_attention
 
 
 def _figure(figsize):
@@ -146,16 +146,11 @@ def patch_filters(model: nn.Module) -> torch.Tensor:
     proj = getattr(pe, "proj", None)
     if isinstance(proj, nn.Conv2d):
         return proj.weight.detach().float().cpu()
-    seq = getattr(m, "to_patch_embedding", None)
-    if isinstance(seq, nn.Sequential):  # fastvit's ViT (a patch_size) or vit-pytorch's (a Rearrange's p1, p2)
-        size = getattr(seq, "patch_size", None)
-        rearrange = next((x for x in seq if hasattr(x, "axes_lengths")), None)
-        if size is None and rearrange is not None:
-            size = (int(rearrange.axes_lengths["p1"]), int(rearrange.axes_lengths["p2"]))
-        linear = next((x for x in seq if isinstance(x, nn.Linear)), None)
-        if size is not None and linear is not None:
-            w = linear.weight.detach().float().cpu()  # (D, p1 * p2 * c): patches flattened (p1 p2 c)
-            return w.reshape(w.shape[0], size[0], size[1], -1).permute(0, 3, 1, 2)
+    size = _patch_size(m)  # vit-pytorch's to_patch_embedding: fastvit's patch_size, or a Rearrange's p1, p2
+    linear = None if size is None else next((x for x in m.to_patch_embedding if isinstance(x, nn.Linear)), None)
+    if linear is not None:
+        w = linear.weight.detach().float().cpu()  # (D, p1 * p2 * c): patches flattened (p1 p2 c)
+        return w.reshape(w.shape[0], size[0], size[1], -1).permute(0, 3, 1, 2)
     raise ValueError(f"{type(m).__name__} has no patch-embedding filters fastvit knows (patch_embed.proj or "
                      "to_patch_embedding); T2T-ViT's soft split feeds a Performer, not a patch projection")
 
