@@ -1,7 +1,8 @@
-// The only file that includes torch: checks tensors, picks the current stream and device, allocates
-// outputs, calls the torch-free launchers of csrc/<family>.cu and registers the ops
-// fastvit::<fn>_cuda_{fwd,infer,bwd} (the names of fastvit/_library.py; their fake implementations
-// and autograd are registered from Python, in fastvit/csrc/<family>.py).
+// The MLP family's torch side (bindings_<family>.cpp for the others; only these files include torch):
+// checks tensors, picks the current stream and device, allocates outputs, calls the torch-free
+// launchers of csrc/<family>.cu and registers the ops fastvit::<fn>_cuda_{fwd,infer,bwd} (the names of
+// fastvit/_library.py; their fake implementations and autograd are registered from Python, in
+// fastvit/csrc/<family>.py).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -1,6 +1,6 @@
 """Build and load the CUDA extension (csrc/) once per torch / CUDA / GPU-arch configuration.
 
-The first use compiles ``csrc/*.cu`` and ``csrc/bindings.cpp`` with ninja through
+The first use compiles ``csrc/*.cu`` and ``csrc/bindings*.cpp`` with ninja through
 ``torch.utils.cpp_extension.load`` (a few minutes; ``python -m fastvit.build`` does it ahead of
 time) into ``$TORCH_EXTENSIONS_DIR/fastvit_cuda_<hash>/``; the hash covers the sources, torch, CUDA,
 the arch list and the flags, so a changed configuration builds anew and an unchanged one loads in
@@ -27,8 +27,10 @@ import threading
 import torch
 
 DEFAULT_ARCHS = "8.0;9.0a"
-SOURCES = ("bindings.cpp", "mlp.cu", "mlp_gemm_f32.cu", "mlp_gemm_f16.cu", "mlp_gemm_bf16.cu")
-FAMILIES = ("mlp",)  # fastvit.csrc.<family> registers each family's fakes and autograd
+SOURCES = ("bindings.cpp", "mlp.cu", "mlp_gemm_f32.cu", "mlp_gemm_f16.cu", "mlp_gemm_bf16.cu",
+           "bindings_attention.cpp", "attention.cu")
+EMULATOR_SOURCES = ("attention_emulate.cpp",)  # host-only: the tests' CPU warp emulator (load_emulator)
+FAMILIES = ("mlp", "attention")  # fastvit.csrc.<family> registers each family's fakes and autograd
 _CXX_FLAGS = ["-O3"]  # torch picks the C++ standard its headers need
 _NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG", "-lineinfo", "-diag-suppress=20013,20015"]
 
@@ -288,6 +290,40 @@ def load(build_if_missing: bool = True) -> pathlib.Path:
         _loaded = lib
         for family in FAMILIES:
             importlib.import_module(f"fastvit.csrc.{family}")
+        return lib
+
+
+_emulator: pathlib.Path | None = None
+
+
+def load_emulator() -> pathlib.Path:
+    """Build with the host compiler (no nvcc, no GPU) and load the CPU warp emulator of the attention
+    kernels (csrc/attention_emulate.cpp): it registers the CPU kernels of the CUDA attention ops, so the
+    tests run the CUDA kernels' code on CPU tensors. Loads the extension first (it defines the ops)."""
+    global _emulator
+    with _lock:
+        if _emulator is not None:
+            return _emulator
+        load()
+        home, _ = cuda_home()
+        name = "fastvit_emulate_" + build_dir()[0].rsplit("_", 1)[1]
+        directory = _extensions_root() / name
+        lib = _library_file(name, directory)
+        if not lib.exists():
+            from torch.utils import cpp_extension
+
+            directory.mkdir(parents=True, exist_ok=True)
+            src = csrc_dir()
+            try:
+                cpp_extension.load(
+                    name=name, sources=[str(src / s) for s in EMULATOR_SOURCES], extra_cflags=_CXX_FLAGS,
+                    extra_include_paths=[str(src), str(home / "include")], build_directory=str(directory),
+                    is_python_module=False,
+                )
+            except (RuntimeError, subprocess.CalledProcessError) as e:
+                raise ExtensionError(f"fastvit: building the attention emulator failed in {directory}: {e}") from e
+        torch.ops.load_library(str(lib))
+        _emulator = lib
         return lib
 
 

@@ -52,6 +52,52 @@ backend.register(
 )
 
 
+# CUDA backend (csrc/attention.cu through fastvit/csrc/attention.py, built and loaded on first use by
+# fastvit._ext): float16 and bfloat16, head dims 1 to 128 (padded to 64 or 128 inside the kernels).
+CUDA_MAX_HEAD_DIM = 128
+_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _cuda_why_not(tensors: dict, D: int, B: int, H: int) -> str | None:
+    """Why the CUDA attention kernels cannot serve these inputs (None: they can)."""
+    for name, t in tensors.items():
+        if t is not None and t.device.type != "cuda":
+            return f"{name}: the CUDA backend needs CUDA tensors, got one on {t.device}"
+    x = next(iter(tensors.values()))
+    if x.dtype not in _CUDA_DTYPES:
+        return (f"the CUDA attention takes float16 or bfloat16, got {x.dtype} (the triton and eager backends "
+                "take float32)")
+    if D > CUDA_MAX_HEAD_DIM:
+        return f"the CUDA attention takes head dims up to {CUDA_MAX_HEAD_DIM}, got {D}"
+    if B > 65535 or H > 65535:
+        return f"the CUDA attention takes at most 65535 batch entries and heads, got {B} and {H}"
+    return None
+
+
+def _cuda_attention(q, k, v, mask, scale, dropout_p):
+    from fastvit.csrc import attention as cuda
+
+    return cuda.attention(q, k, v, mask, scale, dropout_p)
+
+
+def _cuda_attention_qkvpacked(qkv, num_heads, mask, scale, dropout_p):
+    from fastvit.csrc import attention as cuda
+
+    return cuda.attention_qkvpacked(qkv, num_heads, mask, scale, dropout_p)
+
+
+backend.register(
+    "attention", "cuda", _cuda_attention,
+    lambda q, k, v, mask, scale, dropout_p: _cuda_why_not(
+        {"q": q, "k": k, "v": v, "mask": mask}, q.shape[-1], q.shape[0], q.shape[1]),
+)
+backend.register(
+    "attention_qkvpacked", "cuda", _cuda_attention_qkvpacked,
+    lambda qkv, num_heads, mask, scale, dropout_p: _cuda_why_not(
+        {"qkv": qkv, "mask": mask}, qkv.shape[-1] // (3 * num_heads), qkv.shape[0], num_heads),
+)
+
+
 # Callbacks (q, k, mask, scale) that the attention fronts call with each call's checked inputs, innermost
 # last (fastvit.viz's attention maps). A plain list: torch.compile guards on it without a graph break.
 _OBSERVERS: list[Callable] = []
@@ -107,9 +153,10 @@ def attention(
     q, k, v may be strided views (e.g. of a packed qkv projection).
 
     Backends: "triton" (fastvit.kernels.attention: flash attention, forward and backward, head dims
-    8, 16, ..., 128, float16/bfloat16/float32) does not fuse dropout: with ``dropout_p > 0`` it
-    runs the eager reference (torch's RNG), so it stays usable in training. Other head dims and
-    float64 run eager under "auto" and raise under an explicit "triton".
+    8, 16, ..., 128, float16/bfloat16/float32) and "cuda" (csrc/attention.cu: the same on mma.sync
+    tensor cores, head dims 1 to 128, float16/bfloat16) do not fuse dropout: with ``dropout_p > 0``
+    they run the eager reference (torch's RNG), so they stay usable in training. Inputs a backend
+    does not take run on the next one under "auto" and raise under an explicit choice.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check.tensor(name, t, 4, "a 4-D tensor (B, H, N, D)")

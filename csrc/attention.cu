@@ -1,0 +1,114 @@
+// Attention family: CUDA kernels and launchers around the block bodies of attention_kernel.h, which
+// run here with one CUDA thread per body thread and mma.sync tensor-core instructions (sm_80 and
+// later; on sm_90 the same instructions run at a fraction of wgmma's rate).
+//
+// Kernel configuration, per (head dim, sequence length, dtype, arch): one entry per padded head dim,
+// 64 x 64 tiles and 4 warps everywhere. How it was chosen: the register budget of the backward at
+// D = 128 (fp32 dK, dV and dQ fragments, 64 values each, must fit 255 registers per thread) and a
+// 16-row warp slice per mma.sync; not tuned on a GPU yet (none was at hand), see the README.
+#include "attention.cuh"
+
+#include <type_traits>
+
+namespace fastvit {
+namespace attention {
+namespace {
+
+struct DeviceCtx {
+  unsigned char* s;
+  __device__ __forceinline__ int tid() const { return threadIdx.x; }
+  __device__ __forceinline__ void sync() const { __syncthreads(); }
+  __device__ __forceinline__ float shfl_xor(float v, int m) const { return __shfl_xor_sync(0xffffffffu, v, m); }
+  __device__ __forceinline__ unsigned char* smem() const { return s; }
+
+  template <class T>
+  __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) const {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if constexpr (std::is_same_v<T, __half>) {
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+          "{%0, %1, %2, %3};\n"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    } else {
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+          "{%0, %1, %2, %3};\n"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+#else
+    __trap();  // built for an arch without mma.sync m16n8k16: the launchers refuse it first
+#endif
+  }
+};
+
+template <class T, int DP>
+__global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  DeviceCtx cx{smem};
+  fwd_block<T, DP>(cx, p, blockIdx.x, blockIdx.y, blockIdx.z);
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) delta_kernel(const BwdParams p) {
+  DeviceCtx cx{nullptr};
+  delta_block<T>(cx, p, blockIdx.x);
+}
+
+template <class T, int DP>
+__global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  DeviceCtx cx{smem};
+  bwd_block<T, DP>(cx, p, blockIdx.x, blockIdx.y, blockIdx.z);
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) dq_reduce_kernel(const BwdParams p) {
+  DeviceCtx cx{nullptr};
+  dq_reduce_block<T>(cx, p, blockIdx.x);
+}
+
+unsigned blocks(int64_t n, int64_t per) { return unsigned((n + per - 1) / per); }
+
+template <class T, int DP>
+cudaError_t forward_t(const FwdParams& p, cudaStream_t stream) {
+  constexpr int bytes = fwd_smem_bytes<DP>();
+  cudaError_t err = cudaFuncSetAttribute(fwd_kernel<T, DP>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(blocks(p.Nq, kBlockM), p.H, p.B);
+  fwd_kernel<T, DP><<<grid, kThreads, bytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <class T, int DP>
+cudaError_t backward_t(const BwdParams& p, cudaStream_t stream) {
+  delta_kernel<T><<<blocks(int64_t(p.B) * p.H * p.Nq, kWarps), kThreads, 0, stream>>>(p);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  constexpr int bytes = bwd_smem_bytes<DP>();
+  err = cudaFuncSetAttribute(bwd_kernel<T, DP>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err != cudaSuccess) return err;
+  bwd_kernel<T, DP><<<dim3(p.splits, p.H, p.B), kThreads, bytes, stream>>>(p);
+  err = cudaGetLastError();
+  if (err != cudaSuccess || p.splits == 1) return err;
+  dq_reduce_kernel<T><<<blocks(int64_t(p.B) * p.H * p.Nq * p.D, kThreads), kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t forward(DType t, const FwdParams& p, cudaStream_t stream) {
+  const int dp = padded_head_dim(p.D);
+  if (t == DType::f16) return dp == 64 ? forward_t<__half, 64>(p, stream) : forward_t<__half, 128>(p, stream);
+  return dp == 64 ? forward_t<__nv_bfloat16, 64>(p, stream) : forward_t<__nv_bfloat16, 128>(p, stream);
+}
+
+cudaError_t backward(DType t, const BwdParams& p, cudaStream_t stream) {
+  const int dp = padded_head_dim(p.D);
+  if (t == DType::f16) return dp == 64 ? backward_t<__half, 64>(p, stream) : backward_t<__half, 128>(p, stream);
+  return dp == 64 ? backward_t<__nv_bfloat16, 64>(p, stream) : backward_t<__nv_bfloat16, 128>(p, stream);
+}
+
+}  // namespace attention
+}  // namespace fastvit
