@@ -437,7 +437,10 @@ def sanitizer_workload(dtypes: tuple[str, ...] = ("bf16", "fp16", "fp32")) -> No
     """What compute-sanitizer watches: every CUDA-extension op (LayerNorm and LayerNorm-MLP, forward,
     inference and backward) in ``dtypes``, at 32 x 197 rows (the dW GEMMs' serial split-K, CUTLASS's
     semaphore: the repo's only cross-block ordering) and at a ragged 7-row shape, and a misaligned
-    LayerNorm view."""
+    LayerNorm view; the attention ops (fp16 and bf16 only), forward, inference and backward, in the three
+    backward plans: N = 197 with a key-padding mask on 8 x 12 heads (2 splits of 2 key blocks: the fp32
+    dQ accumulated, then reduced), N = 577 packed at D = 80 with two heads (10 splits), and N = 7 at
+    D = 40 (dQ written directly) with a fully masked row and a strided view."""
     import torch
 
     import fastvit
@@ -457,6 +460,19 @@ def sanitizer_workload(dtypes: tuple[str, ...] = ("bf16", "fp16", "fp32")) -> No
                 ops.layer_norm(x, ps[0], ps[1], 1e-5).float().sum().backward()
             wide = torch.randn(65, 129, device="cuda", dtype=dtype)
             ops.layer_norm(wide[1:, 1:], None, None, 1e-5)  # rows not 16-byte aligned
+    with fastvit.use_backend({"attention": "cuda"}):
+        for dtype in (getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[d]) for d in dtypes if d != "fp32"):
+            q, k, v = (torch.randn(8, 12, 197, 64, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+            keep = torch.rand(8, 1, 1, 197, device="cuda") > 0.3
+            ops.attention(q, k, v, mask=keep).float().sum().backward()
+            qkv = torch.randn(1, 577, 3 * 2 * 80, device="cuda", dtype=dtype, requires_grad=True)
+            ops.attention_qkvpacked(qkv, 2).float().sum().backward()
+            with torch.no_grad():
+                ops.attention_qkvpacked(qkv, 2)
+            dead = torch.ones(2, 3, 7, 7, dtype=torch.bool, device="cuda")
+            dead[1, 2, 3] = False
+            wide = torch.randn(2, 3, 7, 2 * 40, device="cuda", dtype=dtype)[..., ::2].requires_grad_()
+            ops.attention(wide, wide, wide, mask=dead).float().sum().backward()
     torch.cuda.synchronize()
     print("sanitizer workload done")
 
