@@ -34,11 +34,14 @@ The ``pct_roofline`` column is floor / measured for each row's shape.
 The CUDA rows (``fastvit[cuda]``, csrc/attention.cu) on the H200 (989 TFLOP/s dense bf16, 4.8 TB/s), same
 shape: floor forward max(30.5 GFLOP / 989, 310 MB / 4.8 TB/s) = max(0.031, 0.065) = 0.065 ms; forward +
 backward max(107 GFLOP -> 0.108 ms, 857 MB -> 0.18 ms) = 0.18 ms. The kernels are FlashAttention-2's
-schedule on mma.sync m16n8k16 (64 x 64 tiles, 4 warps; the backward: one CTA per (batch, head) walking
-its key blocks, five MMAs per tile pair, dQ accumulated in fp32 in a fixed order). mma.sync peaks near
-two thirds of wgmma's rate on Hopper and these tiles are fed by plain loads, not TMA, so expect them to
-be bound by load latency rather than either floor: forward ~0.15-0.25 ms, forward + backward ~0.5-0.8 ms
-at ViT-B/16 (below Triton's wgmma kernels and SDPA's flash backend), to be replaced by measurement.
+schedule on mma.sync m16n8k16 (64 x 64 tiles, 4 warps; the forward reads the next K, V tiles into
+registers while the current ones' MMAs run; the backward: one CTA per (batch, head) walking its key
+blocks, five MMAs per tile pair, dQ accumulated in fp32 in shared memory here, so its bytes are the
+floor's plus Q and dO re-read per key block, from L2). mma.sync peaks near two thirds of wgmma's rate
+on Hopper, the tiles are fed by plain loads (no TMA, no ldmatrix) and 160-255 registers per thread
+leave 2-3 CTAs of 4 warps per SM, so expect load latency rather than either floor to bind: forward
+~0.15-0.25 ms, forward + backward ~0.5-0.8 ms at ViT-B/16 (below Triton's wgmma kernels and SDPA's
+flash backend), to be replaced by measurement.
 
 ``python -m benchmarks.bench_attention`` is ``python -m benchmarks --families attention``: without a GPU
 it says so and runs the family's CPU smoke checks.

@@ -86,7 +86,7 @@ cudaError_t backward_t(const BwdParams& p, cudaStream_t stream) {
   delta_kernel<T><<<blocks(int64_t(p.B) * p.H * p.Nq, kWarps), kThreads, 0, stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  constexpr int bytes = bwd_smem_bytes<DP>();
+  const int bytes = bwd_smem_bytes<DP>(p.dq_smem_rows);
   err = cudaFuncSetAttribute(bwd_kernel<T, DP>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (err != cudaSuccess) return err;
   bwd_kernel<T, DP><<<dim3(p.splits, p.H, p.B), kThreads, bytes, stream>>>(p);

@@ -15,12 +15,6 @@ namespace attention {
 
 enum class DType : int { f16 = 1, bf16 = 2 };
 
-// The head dims the kernels take: 1 .. kMaxHeadDim (padded inside to 64 or 128).
-constexpr int kMaxHeadDim = 128;
-
-// The padded head dim a kernel instantiation serves D with (64 or 128); 0 when D is not served.
-inline int padded_head_dim(int D) { return D < 1 ? 0 : D <= 64 ? 64 : D <= kMaxHeadDim ? 128 : 0; }
-
 // o (and lse unless p.lse is nullptr) for every (query, b, h). Nq, Nk, B, H >= 1.
 cudaError_t forward(DType t, const FwdParams& p, cudaStream_t stream);
 

@@ -180,6 +180,7 @@ int g_num_sms = 132;
 
 struct EmuExec {
   int num_sms() const { return g_num_sms; }
+  int smem_per_sm() const { return 228 * 1024; }  // H100 / H200
 
   void check(const char* op, const char* arg, const Tensor& t, const Tensor&) const {
     TORCH_CHECK(t.device().is_cpu(), "fastvit ", op, " (emulated): ", arg, " must be a CPU tensor");
@@ -198,7 +199,7 @@ struct EmuExec {
 
   template <class T, int DP>
   void backward_t(const A::BwdParams& p) {
-    Block blk(A::bwd_smem_bytes<DP>());
+    Block blk(A::bwd_smem_bytes<DP>(p.dq_smem_rows));
     const int64_t rows = int64_t(p.B) * p.H * p.Nq;
     for (int64_t i = 0; i < (rows + A::kWarps - 1) / A::kWarps; ++i)
       blk.run([&](HostCtx& cx) { A::delta_block<T>(cx, p, i); });

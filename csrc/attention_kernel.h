@@ -87,18 +87,39 @@ struct BwdParams {
   float scale, scale_log2;
   int splits;         // CTAs per (b, h): each owns a contiguous run of key blocks
   int blocks_per_split;
+  int dq_smem_rows;   // > 0: dQ accumulates in shared memory (fp32, Nq rows), not in dq_acc
 };
+
+// The head dims the kernels take: 1 .. kMaxHeadDim, padded inside to 64 or 128.
+constexpr int kMaxHeadDim = 128;
+
+// The padded head dim a kernel instantiation serves D with (64 or 128); 0 when D is not served.
+inline int padded_head_dim(int D) { return D < 1 ? 0 : D <= 64 ? 64 : D <= kMaxHeadDim ? 128 : 0; }
+
+// Shared memory bytes of each body (row strides padded by 8 elements: conflict-free fragment reads;
+// the backward's optional fp32 dQ rows padded by 4).
+template <int DP>
+constexpr int fwd_smem_bytes() { return 3 * kBlockM * (DP + 8) * 2; }
+template <int DP>
+constexpr int bwd_smem_bytes(int dq_rows) {
+  return 4 * kBlockM * (DP + 8) * 2 + kBlockM * (kBlockN + 8) * 2 + 2 * kBlockM * 4 + dq_rows * (DP + 4) * 4;
+}
+inline int bwd_smem_bytes_for(int D, int dq_rows) {
+  return padded_head_dim(D) == 64 ? bwd_smem_bytes<64>(dq_rows) : bwd_smem_bytes<128>(dq_rows);
+}
 
 // How the backward splits each (b, h)'s key blocks over CTAs: one CTA per (b, h) walks all key blocks
-// and accumulates dQ in a fixed order; only when B * H CTAs cannot fill the GPU are the key blocks split
-// further, each split writing an fp32 dQ partial that dq_reduce sums in split order. Deterministic
-// either way (no atomics).
+// and accumulates dQ in a fixed order, in shared memory when all its rows fit next to the tiles with
+// two CTAs per SM (ViT's N = 197 at D = 64), else in an fp32 workspace; only when B * H CTAs cannot fill
+// the GPU are the key blocks split further, each split writing an fp32 dQ partial that dq_reduce sums
+// in split order. Deterministic either way (no atomics).
 struct BwdPlan {
   int splits, blocks_per_split;
-  int64_t dq_acc_elems;  // fp32 workspace elements (0: dQ is written directly)
+  int64_t dq_acc_elems;  // fp32 workspace elements (0: none)
+  int dq_smem_rows;      // > 0: dQ accumulates in shared memory
 };
 
-inline BwdPlan plan_bwd(int B, int H, int Nq, int Nk, int D, int num_sms) {
+inline BwdPlan plan_bwd(int B, int H, int Nq, int Nk, int D, int num_sms, int smem_per_sm) {
   const int nkb = (Nk + kBlockN - 1) / kBlockN;
   const int64_t bh = int64_t(B) * H;
   int splits = 1;
@@ -112,16 +133,13 @@ inline BwdPlan plan_bwd(int B, int H, int Nq, int Nk, int D, int num_sms) {
   if (splits < 1) splits = 1;
   const int per = (nkb + splits - 1) / splits;
   splits = (nkb + per - 1) / per;  // no empty split
-  BwdPlan plan{splits, per, 0};
-  if (splits > 1 || nkb > 1) plan.dq_acc_elems = int64_t(splits) * per_split;
+  BwdPlan plan{splits, per, 0, 0};
+  if (splits == 1 && nkb > 1 && 2 * (bwd_smem_bytes_for(D, Nq) + 1024) <= smem_per_sm)
+    plan.dq_smem_rows = Nq;
+  else if (splits > 1 || nkb > 1)
+    plan.dq_acc_elems = int64_t(splits) * per_split;
   return plan;
 }
-
-// Shared memory bytes of each body (row strides padded by 8 elements: conflict-free fragment reads).
-template <int DP>
-constexpr int fwd_smem_bytes() { return 3 * kBlockM * (DP + 8) * 2; }
-template <int DP>
-constexpr int bwd_smem_bytes() { return 4 * kBlockM * (DP + 8) * 2 + kBlockM * (kBlockN + 8) * 2 + 2 * kBlockM * 4; }
 
 // ----------------------------------------------------------------------------------------------
 // element helpers: tiles hold raw 16-bit values
@@ -204,6 +222,34 @@ FV_FN void load_tile(Cx& cx, uint16_t* s, const Operand& g, int b, int h, int ro
   }
 }
 
+// A tile's rows read ahead into registers (the vec8 path): issued before a tile's math, written to
+// shared memory after it, so the global loads' latency hides behind the MMAs.
+template <int DP>
+struct Prefetch {
+  static constexpr int kPerThread = kBlockN * (DP / 8) / kThreads;  // 16-byte chunks per thread
+  alignas(16) uint16_t regs[kPerThread][8];
+
+  template <class Cx>
+  FV_FN void fetch(Cx& cx, const Operand& g, int b, int h, int row0, int n_rows, int D) {
+    const uint16_t* base = static_cast<const uint16_t*>(g.ptr) + b * g.sb + h * g.sh;
+    for (int i = 0; i < kPerThread; ++i) {
+      const int e = cx.tid() + i * kThreads, r = e / (DP / 8), c = (e % (DP / 8)) * 8, row = row0 + r;
+      if (row < n_rows && c < D)
+        copy16(regs[i], base + row * g.sn + c);
+      else
+        zero16(regs[i]);
+    }
+  }
+
+  template <class Cx>
+  FV_FN void commit(Cx& cx, uint16_t* s) const {
+    for (int i = 0; i < kPerThread; ++i) {
+      const int e = cx.tid() + i * kThreads, r = e / (DP / 8), c = (e % (DP / 8)) * 8;
+      copy16(s + r * (DP + 8) + c, regs[i]);
+    }
+  }
+};
+
 // The mask's additive term for score (row, col) in the exp2 domain: 0 or -inf for a boolean mask.
 FV_FN float mask_term(const Mask& m, int b, int h, int row, int col) {
   const int64_t off = b * m.sb + h * m.sh + row * m.sm + col * m.sn;
@@ -248,11 +294,26 @@ FV_FN void fwd_block(Cx& cx, const FwdParams& p, int mb, int h, int b) {
     for (int i = 0; i < 4; ++i) acc[dt][i] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
 
+  const bool ahead = p.k.vec8 && p.v.vec8;
+  Prefetch<DP> nk, nv;
+  if (ahead) {
+    nk.fetch(cx, p.k, b, h, 0, p.Nk, p.D);
+    nv.fetch(cx, p.v, b, h, 0, p.Nk, p.D);
+  }
   for (int n0 = 0; n0 < p.Nk; n0 += kBlockN) {
     cx.sync();  // every warp is done with the previous K, V tiles
-    load_tile<DP>(cx, sK, p.k, b, h, n0, p.Nk, p.D);
-    load_tile<DP>(cx, sV, p.v, b, h, n0, p.Nk, p.D);
+    if (ahead) {
+      nk.commit(cx, sK);
+      nv.commit(cx, sV);
+    } else {
+      load_tile<DP>(cx, sK, p.k, b, h, n0, p.Nk, p.D);
+      load_tile<DP>(cx, sV, p.v, b, h, n0, p.Nk, p.D);
+    }
     cx.sync();
+    if (ahead && n0 + kBlockN < p.Nk) {  // the next tiles' loads fly while this one's MMAs run
+      nk.fetch(cx, p.k, b, h, n0 + kBlockN, p.Nk, p.D);
+      nv.fetch(cx, p.v, b, h, n0 + kBlockN, p.Nk, p.D);
+    }
     float s[8][4];
     for (int nt = 0; nt < 8; ++nt) {
       for (int i = 0; i < 4; ++i) s[nt][i] = 0.f;
@@ -304,7 +365,6 @@ FV_FN void fwd_block(Cx& cx, const FwdParams& p, int mb, int h, int b) {
       }
     }
   }
-
   for (int r = 0; r < 2; ++r) {
     float l = row_sum[r];
     l += cx.shfl_xor(l, 1);
@@ -362,6 +422,7 @@ FV_FN void bwd_block(Cx& cx, const BwdParams& p, int split, int h, int b) {
   uint16_t* sdS = sdO + kBlockM * LD;  // (64 queries, 64 keys)
   float* sLse = reinterpret_cast<float*>(sdS + kBlockM * LDS);
   float* sDelta = sLse + kBlockM;
+  float* sdQ = sDelta + kBlockM;  // (dq_smem_rows, DP + 4) fp32 when the plan says so
   const int tid = cx.tid(), warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int kr = warp * 16 + g;  // this thread's key rows in the tile: kr, kr + 8
   const int nkb = (p.Nk + kBlockN - 1) / kBlockN, nmb = (p.Nq + kBlockM - 1) / kBlockM;
@@ -466,14 +527,14 @@ FV_FN void bwd_block(Cx& cx, const BwdParams& p, int split, int h, int b) {
         }
       }
       const bool first = kb == kb_begin, last = kb == kb_end - 1, direct = last && p.splits == 1;
-      for (int i = 0; i < 4; ++i) {
-        const int row = m0 + qr + (i >= 2 ? 8 : 0);
-        if (row >= p.Nq) continue;
-        for (int dt = 0; dt < DT; ++dt) {
-          const int col = dt * 8 + 2 * t + (i & 1);
-          if (col >= p.D) continue;
+      for (int dt = 0; dt < DT; ++dt) {
+        for (int i = 0; i < 4; ++i) {
+          const int row = m0 + qr + (i >= 2 ? 8 : 0), col = dt * 8 + 2 * t + (i & 1);
+          if (row >= p.Nq || col >= p.D) continue;
           float v = dq[dt][i];
-          float* a = acc_base == nullptr ? nullptr : acc_base + int64_t(row) * p.D + col;
+          float* a = p.dq_smem_rows > 0    ? sdQ + row * (DP + 4) + col
+                     : acc_base == nullptr ? nullptr
+                                           : acc_base + int64_t(row) * p.D + col;
           if (!first) v += *a;  // the same thread added the previous key blocks' terms
           if (direct)
             store(p.dq, b, h, row, col, Elem<T>::from_float(v * p.scale));

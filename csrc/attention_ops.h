@@ -2,7 +2,7 @@
 // bindings (bindings_attention.cpp, Exec = the CUDA launchers) and the CPU warp emulator the tests build
 // (attention_emulate.cpp, Exec = the emulator), so the tests run the same plumbing as the GPU.
 //
-// Exec provides: num_sms(); check(op, arg, tensor, like) for device placement; fresh(tensor), called on
+// Exec provides: num_sms(), smem_per_sm(); check(op, arg, tensor, like) for device placement; fresh(tensor), called on
 // every output and workspace right after allocation (the emulator fills them with NaN, so an element a
 // kernel misses shows); forward(DType, FwdParams) and backward(DType, BwdParams), which raise on failure.
 #pragma once
@@ -172,7 +172,8 @@ void backward(const char* op, Exec& ex, const Tensor& dout, const Tensor& q, con
     zero(dv, s.Nk);
     return;
   }
-  const A::BwdPlan plan = A::plan_bwd(int(s.B), int(s.H), int(s.Nq), int(s.Nk), int(s.D), ex.num_sms());
+  const A::BwdPlan plan =
+      A::plan_bwd(int(s.B), int(s.H), int(s.Nq), int(s.Nk), int(s.D), ex.num_sms(), ex.smem_per_sm());
   Tensor keep;
   Tensor delta = alloc(ex, {s.B, s.H, s.Nq}, q.options().dtype(at::kFloat));
   Tensor acc = plan.dq_acc_elems ? alloc(ex, {plan.dq_acc_elems}, q.options().dtype(at::kFloat)) : Tensor();
@@ -194,6 +195,7 @@ void backward(const char* op, Exec& ex, const Tensor& dout, const Tensor& q, con
   p.scale_log2 = log2_scale(scale);
   p.splits = plan.splits;
   p.blocks_per_split = plan.blocks_per_split;
+  p.dq_smem_rows = plan.dq_smem_rows;
   ex.backward(s.t, p);
 }
 

@@ -16,6 +16,7 @@ using O::OptTensor;
 
 struct CudaExec {
   int num_sms() const { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+  int smem_per_sm() const { return int(at::cuda::getCurrentDeviceProperties()->sharedMemPerMultiprocessor); }
 
   void check(const char* op, const char* arg, const Tensor& t, const Tensor& like) const {
     TORCH_CHECK(t.is_cuda(), "fastvit ", op, " (cuda): ", arg, " must be a CUDA tensor, got one on ", t.device());

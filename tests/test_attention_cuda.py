@@ -202,10 +202,11 @@ def test_emulated_matches_reference(emu, N, D, dtype):
 
 
 @pytest.mark.parametrize("splits_sms", [1, 132], ids=["one-cta-per-head", "split-key-blocks"])
-@pytest.mark.parametrize("N", [64, 150])
+@pytest.mark.parametrize("N", [64, 150, 300])
 def test_emulated_backward_plans(emu, splits_sms, N):
-    """The three backward plans: all keys in one block (dQ written directly), one CTA walking the key
-    blocks (fp32 dQ accumulated in order), key blocks split over CTAs (partials reduced in order)."""
+    """The backward plans: all keys in one block (dQ written directly); one CTA walking the key blocks,
+    dQ accumulated in fp32 in order in shared memory (N = 150: 150 rows fit) or in the workspace (N = 300);
+    key blocks split over CTAs (partials reduced in order)."""
     with sms(splits_sms):
         check_against_reference(emu.attention, reference.attention, inputs(1, 2, N, N, 64, F16), F16)
 
