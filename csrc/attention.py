@@ -20,9 +20,6 @@ from fastvit._library import FusedOp, get_op, op_name, wire_autograd
 
 _ext.load()  # the ops must exist before their fakes and autograd are registered
 
-MAX_HEAD_DIM = 128
-DTYPES = (torch.float16, torch.bfloat16)
-
 
 def _scale(scale: float | None, D: int) -> float:
     return D**-0.5 if scale is None else float(scale)

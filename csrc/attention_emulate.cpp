@@ -25,7 +25,6 @@ namespace {
 namespace A = fastvit::attention;
 namespace O = fastvit::attention_ops;
 using at::Tensor;
-using O::OptTensor;
 
 class Block {
  public:
@@ -179,6 +178,7 @@ void Block::run(const Body& body) {
 int g_num_sms = 132;
 
 struct EmuExec {
+  int guard(const Tensor&) const { return 0; }  // CPU: no device to make current
   int num_sms() const { return g_num_sms; }
   int smem_per_sm() const { return 228 * 1024; }  // H100 / H200
 
@@ -230,30 +230,6 @@ struct EmuExec {
   }
 };
 
-EmuExec g_exec;
-
-std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& mask,
-                                         double scale) {
-  return O::attention_fwd(g_exec, q, k, v, mask, scale, true);
-}
-Tensor attention_infer(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& mask, double scale) {
-  return std::get<0>(O::attention_fwd(g_exec, q, k, v, mask, scale, false));
-}
-std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
-                                                 const Tensor& o, const Tensor& lse, const OptTensor& mask,
-                                                 double scale) {
-  return O::attention_bwd(g_exec, dout, q, k, v, o, lse, mask, scale);
-}
-std::tuple<Tensor, Tensor> qkvpacked_fwd(const Tensor& qkv, int64_t num_heads, const OptTensor& mask, double scale) {
-  return O::qkvpacked_fwd(g_exec, qkv, num_heads, mask, scale, true);
-}
-Tensor qkvpacked_infer(const Tensor& qkv, int64_t num_heads, const OptTensor& mask, double scale) {
-  return std::get<0>(O::qkvpacked_fwd(g_exec, qkv, num_heads, mask, scale, false));
-}
-Tensor qkvpacked_bwd(const Tensor& dout, const Tensor& qkv, const Tensor& o, const Tensor& lse, const OptTensor& mask,
-                     int64_t num_heads, double scale) {
-  return O::qkvpacked_bwd(g_exec, dout, qkv, o, lse, mask, num_heads, scale);
-}
 int64_t set_num_sms(int64_t n) {
   const int64_t old = g_num_sms;
   g_num_sms = int(n);
@@ -263,14 +239,7 @@ int64_t set_num_sms(int64_t n) {
 }  // namespace
 
 // The CUDA ops' CPU kernels: loaded after the extension (which defines the ops), by the tests only.
-TORCH_LIBRARY_IMPL(fastvit, CPU, m) {
-  m.impl("attention_cuda_fwd", &attention_fwd);
-  m.impl("attention_cuda_infer", &attention_infer);
-  m.impl("attention_cuda_bwd", &attention_bwd);
-  m.impl("attention_qkvpacked_cuda_fwd", &qkvpacked_fwd);
-  m.impl("attention_qkvpacked_cuda_infer", &qkvpacked_infer);
-  m.impl("attention_qkvpacked_cuda_bwd", &qkvpacked_bwd);
-}
+TORCH_LIBRARY_IMPL(fastvit, CPU, m) { O::register_impls<EmuExec>(m); }
 
 // The SM count the backward's split plan assumes (the emulator has none): returns the previous one.
 TORCH_LIBRARY(fastvit_emulate, m) { m.def("set_num_sms(int n) -> int", &set_num_sms); }

@@ -2,12 +2,14 @@
 // bindings (bindings_attention.cpp, Exec = the CUDA launchers) and the CPU warp emulator the tests build
 // (attention_emulate.cpp, Exec = the emulator), so the tests run the same plumbing as the GPU.
 //
-// Exec provides: num_sms(), smem_per_sm(); check(op, arg, tensor, like) for device placement; fresh(tensor), called on
+// Exec provides: guard(tensor), whose result keeps the tensor's device current for the call;
+// num_sms(), smem_per_sm(); check(op, arg, tensor, like) for device placement; fresh(tensor), called on
 // every output and workspace right after allocation (the emulator fills them with NaN, so an element a
 // kernel misses shows); forward(DType, FwdParams) and backward(DType, BwdParams), which raise on failure.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <array>
 #include <optional>
@@ -199,7 +201,7 @@ void backward(const char* op, Exec& ex, const Tensor& dout, const Tensor& q, con
   ex.backward(s.t, p);
 }
 
-// ------------------------------------------------------------------------------ the six ops
+// ------------------------------------------------------------------------------ the six ops' bodies
 
 template <class Exec>
 std::tuple<Tensor, Tensor> attention_fwd(Exec& ex, const Tensor& q, const Tensor& k, const Tensor& v,
@@ -260,6 +262,57 @@ Tensor qkvpacked_bwd(Exec& ex, const Tensor& dout, const Tensor& qkv, const Tens
   backward("attention_qkvpacked", ex, heads(dout), q, k, v, heads(o), lse, mask, scale, output(base, st),
            output(base + H * D, st), output(base + 2 * H * D, st));
   return dqkv;
+}
+
+// The ops' kernels on executor Exec, registered under the CUDA ops' names for Exec's dispatch key.
+template <class Exec>
+struct Ops {
+  static std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                  const OptTensor& mask, double scale) {
+    Exec ex;
+    const auto guard = ex.guard(q);
+    return attention_ops::attention_fwd(ex, q, k, v, mask, scale, true);
+  }
+  static Tensor attention_infer(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& mask,
+                                double scale) {
+    Exec ex;
+    const auto guard = ex.guard(q);
+    return std::get<0>(attention_ops::attention_fwd(ex, q, k, v, mask, scale, false));
+  }
+  static std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                                          const Tensor& v, const Tensor& o, const Tensor& lse,
+                                                          const OptTensor& mask, double scale) {
+    Exec ex;
+    const auto guard = ex.guard(q);
+    return attention_ops::attention_bwd(ex, dout, q, k, v, o, lse, mask, scale);
+  }
+  static std::tuple<Tensor, Tensor> qkvpacked_fwd(const Tensor& qkv, int64_t num_heads, const OptTensor& mask,
+                                                  double scale) {
+    Exec ex;
+    const auto guard = ex.guard(qkv);
+    return attention_ops::qkvpacked_fwd(ex, qkv, num_heads, mask, scale, true);
+  }
+  static Tensor qkvpacked_infer(const Tensor& qkv, int64_t num_heads, const OptTensor& mask, double scale) {
+    Exec ex;
+    const auto guard = ex.guard(qkv);
+    return std::get<0>(attention_ops::qkvpacked_fwd(ex, qkv, num_heads, mask, scale, false));
+  }
+  static Tensor qkvpacked_bwd(const Tensor& dout, const Tensor& qkv, const Tensor& o, const Tensor& lse,
+                              const OptTensor& mask, int64_t num_heads, double scale) {
+    Exec ex;
+    const auto guard = ex.guard(qkv);
+    return attention_ops::qkvpacked_bwd(ex, dout, qkv, o, lse, mask, num_heads, scale);
+  }
+};
+
+template <class Exec>
+void register_impls(torch::Library& m) {
+  m.impl("attention_cuda_fwd", &Ops<Exec>::attention_fwd);
+  m.impl("attention_cuda_infer", &Ops<Exec>::attention_infer);
+  m.impl("attention_cuda_bwd", &Ops<Exec>::attention_bwd);
+  m.impl("attention_qkvpacked_cuda_fwd", &Ops<Exec>::qkvpacked_fwd);
+  m.impl("attention_qkvpacked_cuda_infer", &Ops<Exec>::qkvpacked_infer);
+  m.impl("attention_qkvpacked_cuda_bwd", &Ops<Exec>::qkvpacked_bwd);
 }
 
 }  // namespace attention_ops

@@ -2,7 +2,6 @@
 // fastvit::attention_qkvpacked_cuda_{fwd,infer,bwd} (the Triton ops' schemas) on the CUDA launchers of
 // attention.cu; the tensor-side work is attention_ops.h's, shared with the CPU emulator.
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "attention_ops.h"
@@ -12,9 +11,9 @@ namespace {
 namespace A = fastvit::attention;
 namespace O = fastvit::attention_ops;
 using at::Tensor;
-using O::OptTensor;
 
 struct CudaExec {
+  at::OptionalDeviceGuard guard(const Tensor& t) const { return at::OptionalDeviceGuard(at::device_of(t)); }
   int num_sms() const { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
   int smem_per_sm() const { return int(at::cuda::getCurrentDeviceProperties()->sharedMemPerMultiprocessor); }
 
@@ -47,45 +46,6 @@ struct CudaExec {
   }
 };
 
-CudaExec exec;
-
-// The device guard of the op's first tensor (the checks in attention_ops.h name any tensor elsewhere).
-at::OptionalDeviceGuard guard_for(const Tensor& t) { return at::OptionalDeviceGuard(at::device_of(t)); }
-
-std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& mask,
-                                         double scale) {
-  const auto guard = guard_for(q);
-  return O::attention_fwd(exec, q, k, v, mask, scale, true);
-}
-
-Tensor attention_infer(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& mask, double scale) {
-  const auto guard = guard_for(q);
-  return std::get<0>(O::attention_fwd(exec, q, k, v, mask, scale, false));
-}
-
-std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
-                                                 const Tensor& o, const Tensor& lse, const OptTensor& mask,
-                                                 double scale) {
-  const auto guard = guard_for(q);
-  return O::attention_bwd(exec, dout, q, k, v, o, lse, mask, scale);
-}
-
-std::tuple<Tensor, Tensor> qkvpacked_fwd(const Tensor& qkv, int64_t num_heads, const OptTensor& mask, double scale) {
-  const auto guard = guard_for(qkv);
-  return O::qkvpacked_fwd(exec, qkv, num_heads, mask, scale, true);
-}
-
-Tensor qkvpacked_infer(const Tensor& qkv, int64_t num_heads, const OptTensor& mask, double scale) {
-  const auto guard = guard_for(qkv);
-  return std::get<0>(O::qkvpacked_fwd(exec, qkv, num_heads, mask, scale, false));
-}
-
-Tensor qkvpacked_bwd(const Tensor& dout, const Tensor& qkv, const Tensor& o, const Tensor& lse, const OptTensor& mask,
-                     int64_t num_heads, double scale) {
-  const auto guard = guard_for(qkv);
-  return O::qkvpacked_bwd(exec, dout, qkv, o, lse, mask, num_heads, scale);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastvit, m) {
@@ -99,11 +59,4 @@ TORCH_LIBRARY_FRAGMENT(fastvit, m) {
         "float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(fastvit, CUDA, m) {
-  m.impl("attention_cuda_fwd", &attention_fwd);
-  m.impl("attention_cuda_infer", &attention_infer);
-  m.impl("attention_cuda_bwd", &attention_bwd);
-  m.impl("attention_qkvpacked_cuda_fwd", &qkvpacked_fwd);
-  m.impl("attention_qkvpacked_cuda_infer", &qkvpacked_infer);
-  m.impl("attention_qkvpacked_cuda_bwd", &qkvpacked_bwd);
-}
+TORCH_LIBRARY_IMPL(fastvit, CUDA, m) { O::register_impls<CudaExec>(m); }
