@@ -7,41 +7,11 @@
 // D = 128 (fp32 dK, dV and dQ fragments, 64 values each, must fit 255 registers per thread) and a
 // 16-row warp slice per mma.sync; not tuned on a GPU yet (none was at hand), see the README.
 #include "attention.cuh"
-
-#include <type_traits>
+#include "device_ctx.cuh"
 
 namespace fastvit {
 namespace attention {
 namespace {
-
-struct DeviceCtx {
-  unsigned char* s;
-  __device__ __forceinline__ int tid() const { return threadIdx.x; }
-  __device__ __forceinline__ void sync() const { __syncthreads(); }
-  __device__ __forceinline__ float shfl_xor(float v, int m) const { return __shfl_xor_sync(0xffffffffu, v, m); }
-  __device__ __forceinline__ unsigned char* smem() const { return s; }
-
-  template <class T>
-  __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) const {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    if constexpr (std::is_same_v<T, __half>) {
-      asm volatile(
-          "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-          "{%0, %1, %2, %3};\n"
-          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-    } else {
-      asm volatile(
-          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-          "{%0, %1, %2, %3};\n"
-          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-    }
-#else
-    __trap();  // built for an arch without mma.sync m16n8k16: the launchers refuse it first
-#endif
-  }
-};
 
 template <class T, int DP>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {

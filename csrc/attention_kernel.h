@@ -25,14 +25,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-#if defined(__CUDACC__)
-#define FV_FN __device__ __forceinline__
-#else
-#define FV_FN inline
-#endif
+#include "kernel_common.h"
 
 namespace fastvit {
 namespace attention {
@@ -141,38 +134,6 @@ inline BwdPlan plan_bwd(int B, int H, int Nq, int Nk, int D, int num_sms, int sm
   return plan;
 }
 
-// ----------------------------------------------------------------------------------------------
-// element helpers: tiles hold raw 16-bit values
-// ----------------------------------------------------------------------------------------------
-
-template <class T>
-struct Elem;
-
-template <>
-struct Elem<__half> {
-  static FV_FN float to_float(uint16_t bits) {
-    __half_raw r;
-    r.x = bits;
-    return __half2float(__half(r));
-  }
-  static FV_FN uint16_t from_float(float f) { return __half_raw(__float2half_rn(f)).x; }
-};
-
-template <>
-struct Elem<__nv_bfloat16> {
-  static FV_FN float to_float(uint16_t bits) {
-    __nv_bfloat16_raw r;
-    r.x = bits;
-    return __bfloat162float(__nv_bfloat16(r));
-  }
-  static FV_FN uint16_t from_float(float f) { return __nv_bfloat16_raw(__float2bfloat16_rn(f)).x; }
-};
-
-template <class T>
-FV_FN uint32_t pack2(float lo, float hi) {
-  return uint32_t(Elem<T>::from_float(lo)) | (uint32_t(Elem<T>::from_float(hi)) << 16);
-}
-
 // Two neighbouring elements of a row (row, col), (row, col + 1): one 32-bit shared-memory read.
 FV_FN uint32_t ld_row2(const uint16_t* s, int ld, int row, int col) {
   return *reinterpret_cast<const uint32_t*>(s + row * ld + col);
@@ -182,22 +143,6 @@ FV_FN uint32_t ld_row2(const uint16_t* s, int ld, int row, int col) {
 // read as its transpose.
 FV_FN uint32_t ld_col2(const uint16_t* s, int ld, int row, int col) {
   return uint32_t(s[row * ld + col]) | (uint32_t(s[(row + 1) * ld + col]) << 16);
-}
-
-FV_FN void copy16(uint16_t* dst, const uint16_t* src) {
-#if defined(__CUDACC__)
-  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-#else
-  std::memcpy(dst, src, 16);
-#endif
-}
-
-FV_FN void zero16(uint16_t* dst) {
-#if defined(__CUDACC__)
-  *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
-#else
-  std::memset(dst, 0, 16);
-#endif
 }
 
 // Rows row0 .. row0 + 63 of (b, h)'s (N, D) slice into a (64, DP) tile with row stride DP + 8; rows

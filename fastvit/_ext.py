@@ -28,9 +28,10 @@ import torch
 
 DEFAULT_ARCHS = "8.0;9.0a"
 SOURCES = ("bindings.cpp", "mlp.cu", "mlp_gemm_f32.cu", "mlp_gemm_f16.cu", "mlp_gemm_bf16.cu",
-           "bindings_attention.cpp", "attention.cu")
-EMULATOR_SOURCES = ("attention_emulate.cpp",)  # host-only: the tests' CPU warp emulator (load_emulator)
-FAMILIES = ("mlp", "attention")  # fastvit.csrc.<family> registers each family's fakes and autograd
+           "bindings_attention.cpp", "attention.cu", "bindings_embed.cpp", "embed.cu", "embed_split.cu")
+# host-only: the tests' CPU warp emulator (load_emulator)
+EMULATOR_SOURCES = ("attention_emulate.cpp", "embed_emulate.cpp")
+FAMILIES = ("mlp", "attention", "embed")  # fastvit.csrc.<family> registers each family's fakes and autograd
 _CXX_FLAGS = ["-O3"]  # torch picks the C++ standard its headers need
 _NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG", "-lineinfo", "-diag-suppress=20013,20015"]
 
@@ -297,9 +298,10 @@ _emulator: pathlib.Path | None = None
 
 
 def load_emulator() -> pathlib.Path:
-    """Build with the host compiler (no nvcc, no GPU) and load the CPU warp emulator of the attention
-    kernels (csrc/attention_emulate.cpp): it registers the CPU kernels of the CUDA attention ops, so the
-    tests run the CUDA kernels' code on CPU tensors. Loads the extension first (it defines the ops)."""
+    """Build with the host compiler (no nvcc, no GPU) and load the CPU warp emulator of the CUDA kernels
+    (csrc/emulate.h; csrc/<family>_emulate.cpp): it registers the CPU kernels of the CUDA attention and
+    embed ops, so the tests run the CUDA kernels' code on CPU tensors. Loads the extension first (it
+    defines the ops)."""
     global _emulator
     with _lock:
         if _emulator is not None:
@@ -321,7 +323,7 @@ def load_emulator() -> pathlib.Path:
                     is_python_module=False,
                 )
             except (RuntimeError, subprocess.CalledProcessError) as e:
-                raise ExtensionError(f"fastvit: building the attention emulator failed in {directory}: {e}") from e
+                raise ExtensionError(f"fastvit: building the warp emulator failed in {directory}: {e}") from e
         torch.ops.load_library(str(lib))
         _emulator = lib
         return lib

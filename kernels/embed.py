@@ -1072,9 +1072,9 @@ _patch_embed_op = FusedOp("patch_embed", "triton", 1)
 
 
 @torch.library.triton_op(op_name("soft_split", "triton", "fwd"), mutates_args=())
-def _soft_split_fwd_op(x: Tensor, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> tuple[Tensor]:
-    """(out,): the soft split; nothing else is saved (the backward needs only x's geometry)."""
-    return (soft_split_forward(x, None, None, kh, kw, sh, sw, ph, pw, 0.0, x.dtype, norm=False, save=False),)
+def _soft_split_fwd_op(x: Tensor, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Tensor:
+    """The soft split; nothing else is saved (the backward needs only x's geometry)."""
+    return soft_split_forward(x, None, None, kh, kw, sh, sw, ph, pw, 0.0, x.dtype, norm=False, save=False)
 
 
 @torch.library.triton_op(op_name("soft_split", "triton", "infer"), mutates_args=())

@@ -238,3 +238,77 @@ def _ssln_triton(x, kernel_size, stride, padding, weight=None, bias=None, eps=1e
 backend.register("patch_embed", "triton", _patch_embed_triton, _patch_embed_why_not)
 backend.register("soft_split", "triton", _soft_split_triton, _soft_split_why_not)
 backend.register("soft_split_layer_norm", "triton", _ssln_triton, _ssln_why_not)
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA backend (csrc/embed*.cu through fastvit/csrc/embed.py, built and loaded on first use by fastvit._ext)
+# ----------------------------------------------------------------------------------------------
+
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _cuda_reason(tensors: dict) -> str | None:
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.device.type != "cuda":
+            return f"{name}: the CUDA backend needs CUDA tensors, got one on {t.device}"
+        if t.dtype not in _CUDA_DTYPES:
+            return f"{name}: the CUDA embed kernels take float32, float16 or bfloat16, got {t.dtype}"
+    return None
+
+
+def _patch_embed_cuda_why_not(x, weight, bias, patch_size, pos_embed=None, cls_token=None, *, patch_order="chw",
+                              pre_norm=False, pre_norm_weight=None, pre_norm_bias=None, post_norm=False,
+                              post_norm_weight=None, post_norm_bias=None, norm_eps=1e-5):
+    reason = _cuda_reason({"x": x, "weight": weight, "bias": bias, "pos_embed": pos_embed, "cls_token": cls_token,
+                           "pre_norm_weight": pre_norm_weight, "pre_norm_bias": pre_norm_bias,
+                           "post_norm_weight": post_norm_weight, "post_norm_bias": post_norm_bias})
+    if reason is not None:
+        return reason
+    if x.dtype != weight.dtype:  # only a pre-norm under autocast keeps x's dtype
+        return (f"the CUDA patch_embed reads x in the weight's dtype; x is {x.dtype} and the weight {weight.dtype} "
+                "(a pre-norm under autocast)")
+    K = x.shape[1] * patch_size[0] * patch_size[1]
+    if max(K, weight.shape[0]) >= 2**31 or x.shape[0] * (x.shape[2] // patch_size[0]) * (x.shape[3] // patch_size[1]) >= 2**40:
+        return "sizes beyond the CUDA kernels' 32-bit feature and token indices"
+    return None
+
+
+def _patch_embed_cuda(*args, **kwargs):
+    from fastvit.csrc import embed as cuda
+
+    return cuda.patch_embed(*args, **kwargs)
+
+
+def _soft_split_cuda_why_not(x, kernel_size, stride, padding):
+    return _cuda_reason({"x": x})
+
+
+def _soft_split_cuda(x, kernel_size, stride, padding):
+    from fastvit.csrc import embed as cuda
+
+    return cuda.soft_split(x, kernel_size, stride, padding)
+
+
+def _ssln_cuda_why_not(x, kernel_size, stride, padding, weight=None, bias=None, eps=1e-5):
+    reason = _cuda_reason({"x": x, "weight": weight, "bias": bias})
+    if reason is not None:
+        return reason
+    out_dtype = autocast_dtype(x) or x.dtype
+    if out_dtype != x.dtype and not (x.dtype == torch.float32 and out_dtype in (torch.float16, torch.bfloat16)):
+        return f"the CUDA soft_split_layer_norm writes x's dtype or, from float32, float16 / bfloat16; not {x.dtype} -> {out_dtype}"
+    return None
+
+
+def _ssln_cuda(x, kernel_size, stride, padding, weight=None, bias=None, eps=1e-5):
+    from fastvit.csrc import embed as cuda
+
+    out_dtype = autocast_dtype(x) or x.dtype
+    with autocast_off(x):
+        return cuda.soft_split_layer_norm(x, kernel_size, stride, padding, weight, bias, eps, out_dtype=out_dtype)
+
+
+backend.register("patch_embed", "cuda", _patch_embed_cuda, _patch_embed_cuda_why_not)
+backend.register("soft_split", "cuda", _soft_split_cuda, _soft_split_cuda_why_not)
+backend.register("soft_split_layer_norm", "cuda", _ssln_cuda, _ssln_cuda_why_not)

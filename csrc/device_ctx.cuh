@@ -1,0 +1,66 @@
+// The CUDA executor context the block bodies (attention_kernel.h, embed_kernel.h) run on: one CUDA
+// thread per body thread, mma.sync tensor-core instructions (sm_80 and later). The CPU warp emulator
+// (emulate.h) provides the same interface on the host.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <type_traits>
+
+#include "kernel_common.h"
+
+namespace fastvit {
+
+struct DeviceCtx {
+  unsigned char* s;
+  __device__ __forceinline__ int tid() const { return threadIdx.x; }
+  __device__ __forceinline__ void sync() const { __syncthreads(); }
+  __device__ __forceinline__ float shfl_xor(float v, int m) const { return __shfl_xor_sync(0xffffffffu, v, m); }
+  __device__ __forceinline__ unsigned char* smem() const { return s; }
+
+  // d += A B, one mma.sync.m16n8k16.row.col with fp32 accumulation (fragments as in attention_kernel.h).
+  template <class T>
+  __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) const {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if constexpr (std::is_same_v<T, __half>) {
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+          "{%0, %1, %2, %3};\n"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    } else {
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+          "{%0, %1, %2, %3};\n"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+#else
+    __trap();  // built for an arch without mma.sync m16n8k16: the launchers refuse it first
+#endif
+  }
+};
+
+}  // namespace fastvit
+
+namespace fastvit {
+
+// One CUDA block per block body of a kernel object K (embed_kernel.h's form: K::kThreads, k.grid(),
+// k.smem_bytes(), k(cx, blockIdx.x, blockIdx.y, blockIdx.z)).
+template <class K>
+__global__ void __launch_bounds__(K::kThreads) run_kernel(const K k) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  DeviceCtx cx{smem};
+  k(cx, blockIdx.x, blockIdx.y, blockIdx.z);
+}
+
+// Launches k on stream (nothing for an empty grid); the bodies use at most 48 KiB of shared memory.
+template <class K>
+cudaError_t launch_kernel(const K& k, cudaStream_t stream) {
+  const auto g = k.grid();
+  if (g.x == 0 || g.y == 0 || g.z == 0) return cudaSuccess;
+  run_kernel<K><<<dim3(g.x, g.y, g.z), K::kThreads, k.smem_bytes(), stream>>>(k);
+  return cudaGetLastError();
+}
+
+}  // namespace fastvit
