@@ -440,7 +440,10 @@ def sanitizer_workload(dtypes: tuple[str, ...] = ("bf16", "fp16", "fp32")) -> No
     LayerNorm view; the attention ops (fp16 and bf16 only), forward, inference and backward, in the three
     backward plans: N = 197 with a key-padding mask on 8 x 12 heads (2 splits of 2 key blocks: the fp32
     dQ accumulated, then reduced), N = 577 packed at D = 80 with two heads (10 splits), and N = 7 at
-    D = 40 (dQ written directly) with a fully masked row and a strided view."""
+    D = 40 (dQ written directly) with a fully masked row and a strided view; the embed ops in ``dtypes``:
+    ViT-B/16's patch embedding at batch 4 (dW split over tokens), vit-pytorch's form with both LayerNorms
+    on an odd channels_last view (35 x 56, patch 7, C = 4), T2T's first soft split + LayerNorm on a
+    37 x 53 image and a soft split of a folded-back 28 x 28 map."""
     import torch
 
     import fastvit
@@ -473,6 +476,25 @@ def sanitizer_workload(dtypes: tuple[str, ...] = ("bf16", "fp16", "fp32")) -> No
             dead[1, 2, 3] = False
             wide = torch.randn(2, 3, 7, 2 * 40, device="cuda", dtype=dtype)[..., ::2].requires_grad_()
             ops.attention(wide, wide, wide, mask=dead).float().sum().backward()
+    with fastvit.use_backend({"embed": "cuda"}):
+        for dtype in (getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[d]) for d in dtypes):
+            x = torch.randn(4, 3, 224, 224, device="cuda", dtype=dtype, requires_grad=True)
+            w = torch.randn(768, 3, 16, 16, device="cuda", dtype=dtype, requires_grad=True)
+            b, cls = (torch.randn(768, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+            pos = torch.randn(1, 197, 768, device="cuda", dtype=dtype, requires_grad=True)
+            ops.patch_embed(x, w, b, 16, pos, cls).float().sum().backward()
+            odd = torch.randn(2, 35, 56, 4, device="cuda", dtype=dtype).permute(0, 3, 1, 2).requires_grad_()
+            lin = torch.randn(40, 7 * 7 * 4, device="cuda", dtype=dtype, requires_grad=True)
+            pre, post = torch.ones(196, device="cuda", requires_grad=True), torch.ones(40, device="cuda", requires_grad=True)
+            ops.patch_embed(odd, lin, None, 7, None, None, patch_order="hwc", pre_norm=True, pre_norm_weight=pre,
+                            post_norm=True, post_norm_bias=post).float().sum().backward()
+            with torch.no_grad():
+                ops.patch_embed(odd, lin, None, 7, None, None, patch_order="hwc", post_norm=True)
+            img = torch.randn(2, 3, 37, 53, device="cuda", dtype=dtype, requires_grad=True)
+            lw = torch.ones(147, device="cuda", dtype=dtype, requires_grad=True)
+            ops.embed.soft_split_layer_norm(img, 7, 4, 2, lw, None).float().sum().backward()
+            fmap = torch.randn(2, 784, 64, device="cuda", dtype=dtype).transpose(1, 2).reshape(2, 64, 28, 28)
+            ops.soft_split(fmap.requires_grad_(), 3, 2, 1).float().sum().backward()
     torch.cuda.synchronize()
     print("sanitizer workload done")
 

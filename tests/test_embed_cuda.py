@@ -313,3 +313,148 @@ def test_emulated_infer_op_and_deterministic_backward(emu):
     first = torch.autograd.grad(b, wrt, g)
     second = torch.autograd.grad(fn(**inputs), wrt, g)
     assert all(torch.equal(u, v) for u, v in zip(first, second))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------
+
+
+def on_cuda(fn):
+    def run(**kw):
+        with fastvit.use_backend(CUDA):
+            return fn(**kw)
+
+    return run
+
+
+def gpu_check(fn, ref, inputs, dtype, grad_out=None, name=""):
+    """check_against_reference on CUDA tensors, with an upstream gradient drawn on the GPU."""
+    if grad_out is None:
+        args = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+        grad_out = torch.randn(ref(**args).shape, device="cuda", dtype=dtype)
+    check_against_reference(on_cuda(fn), ref, inputs, dtype, grad_out=grad_out, name=name)
+
+
+def gpu_pe_inputs(*args, **kwargs):
+    return {k: (v.detach().cuda().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
+            for k, v in pe_inputs(*args, **kwargs).items()}
+
+
+# B, C, H, W, p, D: ViT-B/16 at 224 and 384 px, ViT-L/14, odd images (patch 7, C = 1 and 4)
+GPU_PE = [(64, 3, 224, 224, 16, 768), (16, 3, 384, 384, 16, 768), (16, 3, 224, 224, 14, 1024),
+          (8, 1, 35, 49, 7, 40), (8, 4, 56, 35, 7, 96)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, C, H, W, p, D", GPU_PE)
+def test_gpu_patch_embed_model_shapes(ext, B, C, H, W, p, D, dtype):
+    gpu_check(ops.patch_embed, reference.patch_embed, gpu_pe_inputs(B, C, H, W, p, D, dtype, cls="11D", pos="1LD"), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norms, layout, x_grad", [("pre+post", "nchw", False), ("post", "channels_last", True),
+                                                   ("pre-noaffine", "view", True)])
+def test_gpu_patch_embed_vit_pytorch_form(ext, dtype, norms, layout, x_grad):
+    inputs = gpu_pe_inputs(32, 3, 224, 224, 16, 768, dtype, cls="1D", pos="LD", hwc=True, norms=norms, layout=layout,
+                           x_grad=x_grad)
+    gpu_check(ops.patch_embed, reference.patch_embed, inputs, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [F16, BF16])
+def test_gpu_patch_embed_noncontiguous_and_expanded_grad(ext, dtype):
+    inputs = pe_inputs(8, 3, 224, 224, 16, 768, dtype, cls="11D", pos="1LD")
+    inputs["x"] = noncontiguous(inputs["x"].detach()).cuda().requires_grad_()
+    inputs = {k: (v.detach().cuda().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
+              for k, v in inputs.items()}
+    gpu_check(ops.patch_embed, reference.patch_embed, inputs, dtype, grad_out=expanded_grad((8, 197, 768), dtype, "cuda"))
+
+
+# B, C, H, W, k, s, p: T2T-ViT-14 / -24's three soft splits (both share the T2T module: token_dim 64),
+# an odd image (37 x 53, C = 1) and an odd map (C = 4)
+GPU_SPLITS = [(16, 3, 224, 224, 7, 4, 2), (16, 64, 56, 56, 3, 2, 1), (16, 64, 28, 28, 3, 2, 1),
+              (4, 1, 37, 53, 7, 4, 2), (4, 4, 37, 53, 3, 2, 1)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, C, H, W, k, s, p", GPU_SPLITS)
+def test_gpu_soft_split_and_layer_norm(ext, B, C, H, W, k, s, p, dtype):
+    tokens = randn(B, H * W, C, dtype=dtype).cuda()
+    x = tokens.transpose(1, 2).reshape(B, C, H, W).requires_grad_()  # as T2T-ViT folds tokens back
+    split = {"kernel_size": k, "stride": s, "padding": p}
+    gpu_check(ops.soft_split, reference.soft_split, {"x": x, **split}, dtype)
+    gpu_check(ops.embed.soft_split_layer_norm, reference.soft_split_layer_norm,
+              ssln_inputs(B, C, H, W, k, s, p, dtype, device="cuda"), dtype)
+    L = reference.soft_split(x.detach(), k, s, p).shape[1]
+    gpu_check(ops.embed.soft_split_layer_norm, reference.soft_split_layer_norm,
+              {"x": x, **split, "weight": None, "bias": None}, dtype,
+              grad_out=expanded_grad((B, L, C * k * k), dtype, "cuda"))
+
+
+@pytest.mark.gpu
+def test_gpu_soft_split_layer_norm_under_autocast(ext):
+    x = torch.randn(8, 3, 224, 224, device="cuda", requires_grad=True)
+    w = torch.randn(147, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=BF16):
+        with fastvit.use_backend(CUDA):
+            got = ops.embed.soft_split_layer_norm(x, 7, 4, 2, w)
+        ref = reference.soft_split_layer_norm(x, 7, 4, 2, w)
+    assert got.dtype == ref.dtype == BF16 and got.stride(1) == 160
+    torch.testing.assert_close(got, ref, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck(ext):
+    from torch.library import opcheck
+
+    x = torch.randn(2, 3, 32, 24, device="cuda", requires_grad=True)
+    w = torch.randn(16, 3, 8, 8, device="cuda", requires_grad=True)
+    w2 = torch.randn(16, 192, device="cuda", requires_grad=True)
+    b, g2 = torch.randn(16, device="cuda", requires_grad=True), torch.randn(16, device="cuda", requires_grad=True)
+    pos, cls = torch.randn(13, 16, device="cuda", requires_grad=True), torch.randn(1, 1, 16, device="cuda", requires_grad=True)
+    g1 = torch.randn(192, device="cuda", requires_grad=True)
+    for args in ((x, w, b, pos, cls, None, None, None, None, 8, 8, "chw", False, False, 1e-5),
+                 (x, w2, b, pos, cls, g1, None, g2, b, 8, 8, "hwc", True, True, 1e-5)):
+        opcheck(get_op("patch_embed", "cuda", "fwd"), args)
+        opcheck(get_op("patch_embed", "cuda", "infer"), tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+    img = torch.randn(2, 16, 13, 9, device="cuda", requires_grad=True)
+    opcheck(get_op("soft_split", "cuda", "fwd"), (img, 3, 3, 2, 2, 1, 1))
+    ln_w = torch.randn(144, device="cuda", requires_grad=True)
+    opcheck(get_op("soft_split_layer_norm", "cuda", "fwd"), (img, ln_w, None, 3, 3, 2, 2, 1, 1, 1e-5, torch.float32))
+
+
+@pytest.mark.gpu
+def test_gpu_compile_fullgraph_of_patch_embedding_and_t2t_modules(ext):
+    from fastvit.models.t2t_vit import T2TModule
+
+    embed = nn.PatchEmbed(224, 16, 3, 768).cuda()
+    pos, cls = torch.randn(1, 197, 768, device="cuda"), torch.randn(1, 1, 768, device="cuda")
+    x = torch.randn(4, 3, 224, 224, device="cuda", requires_grad=True)
+    t2t = T2TModule(224, embed_dim=384).cuda().eval()  # eval: no dropout, so compiled and eager agree
+    with fastvit.use_backend(CUDA), torch.autocast("cuda", dtype=BF16):
+        y_eager = embed(x, pos, cls)
+        y_comp = torch.compile(embed, fullgraph=True)(x, pos, cls)
+        t_eager = t2t(x)
+        t_comp = torch.compile(t2t, fullgraph=True)(x)
+    torch.testing.assert_close(y_comp, y_eager)
+    torch.testing.assert_close(t_comp, t_eager)
+    (y_comp.float().sum() + t_comp.float().sum()).backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.gpu
+def test_gpu_backward_is_bitwise_deterministic(ext):
+    inputs = gpu_pe_inputs(64, 3, 224, 224, 16, 768, BF16, cls="11D", pos="1LD", hwc=True, norms="pre+post")
+    x = torch.randn(16, 64, 56, 56, device="cuda", dtype=BF16, requires_grad=True)
+    wrt = [v for v in inputs.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+    runs = []
+    for _ in range(3):
+        with fastvit.use_backend(CUDA):
+            y = ops.patch_embed(**inputs)
+            s = ops.embed.soft_split_layer_norm(x, 3, 2, 1)
+        runs.append(torch.autograd.grad((y.float().sum(), s.float().square().sum()), [*wrt, x]))
+    assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
