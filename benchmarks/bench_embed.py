@@ -29,6 +29,18 @@ Roofline floors (H100 SXM: dense bf16 ~989 TFLOP/s, HBM ~3.35 TB/s), ViT-B/16, B
 - soft_split k7s4p2, B=256: writes 236 MB (3136 x 147 bf16 per image), reads 77 MB -> 93 us floor.
   With the LayerNorm fused: same bytes (the unfused chain writes and re-reads the 236 MB once more:
   +472 MB, +141 us). Splits 1 and 2: 231 + 103 MB -> 100 us, 58 + 26 MB -> 25 us.
+
+H200 (the device fastvit-gpu-check runs on: dense bf16 ~989 TFLOP/s, HBM3e ~4.8 TB/s), same shapes:
+patch_embed forward floor 60 us (compute; bytes 156 MB -> 33 us), backward without dx ~60 us (dW GEMM;
+bytes 232 MB -> 48 us); soft_split k7s4p2 65 us, splits 1 and 2 70 us and 18 us (bytes).
+
+The CUDA rows (csrc/embed*.cu, "cuda" in fused_backends) appear by themselves. Expected, not measured
+(no GPU run yet): the implicit GEMM runs mma.sync (m16n8k16) on 64 x 64 x 32 tiles with the next slice
+read into registers, without a cp.async / TMA pipeline, at ~170-210 registers (2 blocks per SM), so a
+fraction of the mma.sync rate (itself about two thirds of wgmma's on Hopper): ~0.2-0.3 ms forward, likely
+slower than Triton (wgmma) and cuDNN's conv, short of the 1.3x-eager target until it is pipelined. The
+soft split, fold and LayerNorm kernels are gathers with the same bytes as the Triton ones: expected
+within ~1.5x of the byte floors above.
 """
 
 from __future__ import annotations
