@@ -239,7 +239,7 @@ def _record_t2t(B: int, act: torch.dtype, dtype: torch.dtype) -> None:
         geo, F = (k, k, s, s, pad, pad), C * k * k
         xx = _empty(shape, dtype=act) if C == 3 else _empty(B, H * W, C, dtype=act).transpose(1, 2).reshape(shape)
         if act == dtype:
-            (out,) = E._soft_split_fwd_op(xx, *geo)
+            out = E._soft_split_fwd_op(xx, *geo)
             E._soft_split_infer_op(xx, *geo)
             E._soft_split_bwd_op(_empty(*out.shape, dtype=dtype), xx, *geo)
         ln = (_empty(F), _empty(F)) if act == FP32 else (_empty(F, dtype=dtype), _empty(F, dtype=dtype))

@@ -54,12 +54,18 @@ __global__ void __launch_bounds__(K::kThreads) run_kernel(const K k) {
   k(cx, blockIdx.x, blockIdx.y, blockIdx.z);
 }
 
-// Launches k on stream (nothing for an empty grid); the bodies use at most 48 KiB of shared memory.
+// Launches k on stream (nothing for an empty grid), opting in to more than 48 KiB of shared memory
+// when the body asks for it.
 template <class K>
 cudaError_t launch_kernel(const K& k, cudaStream_t stream) {
   const auto g = k.grid();
   if (g.x == 0 || g.y == 0 || g.z == 0) return cudaSuccess;
-  run_kernel<K><<<dim3(g.x, g.y, g.z), K::kThreads, k.smem_bytes(), stream>>>(k);
+  const int bytes = k.smem_bytes();
+  if (bytes > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(run_kernel<K>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (err != cudaSuccess) return err;
+  }
+  run_kernel<K><<<dim3(g.x, g.y, g.z), K::kThreads, bytes, stream>>>(k);
   return cudaGetLastError();
 }
 

@@ -3,32 +3,7 @@
 // that fastvit.csrc.embed (fakes, autograd, fronts) runs the kernels' code on CPU tensors.
 #include <torch/library.h>
 
-#include <limits>
-
 #include "embed_ops.h"
-#include "emulate.h"
+#include "emulate_exec.h"
 
-namespace {
-
-namespace O = fastvit::embed_ops;
-using at::Tensor;
-
-struct EmuExec {
-  int guard(const Tensor&) const { return 0; }  // CPU: no device to make current
-  int num_sms() const { return 4; }             // few splits: every split path runs at test sizes
-
-  void check(const char* op, const char* arg, const Tensor& t, const Tensor&) const {
-    TORCH_CHECK(t.device().is_cpu(), "fastvit ", op, " (emulated): ", arg, " must be a CPU tensor");
-  }
-
-  void fresh(Tensor& t) const { t.fill_(std::numeric_limits<float>::quiet_NaN()); }
-
-  template <class K>
-  void run(const K& k) const {
-    fastvit::emulate::run_grid(k);
-  }
-};
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(fastvit, CPU, m) { O::register_impls<EmuExec>(m); }
+TORCH_LIBRARY_IMPL(fastvit, CPU, m) { fastvit::embed_ops::register_impls<fastvit::EmuExec>(m); }

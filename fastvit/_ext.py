@@ -28,10 +28,11 @@ import torch
 
 DEFAULT_ARCHS = "8.0;9.0a"
 SOURCES = ("bindings.cpp", "mlp.cu", "mlp_gemm_f32.cu", "mlp_gemm_f16.cu", "mlp_gemm_bf16.cu",
-           "bindings_attention.cpp", "attention.cu", "bindings_embed.cpp", "embed.cu", "embed_split.cu")
+           "bindings_attention.cpp", "attention.cu", "bindings_embed.cpp", "embed.cu", "embed_split.cu",
+           "bindings_performer.cpp", "performer.cu")
 # host-only: the tests' CPU warp emulator (load_emulator)
-EMULATOR_SOURCES = ("attention_emulate.cpp", "embed_emulate.cpp")
-FAMILIES = ("mlp", "attention", "embed")  # fastvit.csrc.<family> registers each family's fakes and autograd
+EMULATOR_SOURCES = ("attention_emulate.cpp", "embed_emulate.cpp", "performer_emulate.cpp")
+FAMILIES = ("mlp", "attention", "embed", "performer")  # fastvit.csrc.<family> registers each family's fakes and autograd
 _CXX_FLAGS = ["-O3"]  # torch picks the C++ standard its headers need
 _NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG", "-lineinfo", "-diag-suppress=20013,20015"]
 
@@ -299,9 +300,9 @@ _emulator: pathlib.Path | None = None
 
 def load_emulator() -> pathlib.Path:
     """Build with the host compiler (no nvcc, no GPU) and load the CPU warp emulator of the CUDA kernels
-    (csrc/emulate.h; csrc/<family>_emulate.cpp): it registers the CPU kernels of the CUDA attention and
-    embed ops, so the tests run the CUDA kernels' code on CPU tensors. Loads the extension first (it
-    defines the ops)."""
+    (csrc/emulate.h; csrc/<family>_emulate.cpp): it registers the CPU kernels of the CUDA attention, embed
+    and performer ops, so the tests run the CUDA kernels' code on CPU tensors. Loads the extension first
+    (it defines the ops)."""
     global _emulator
     with _lock:
         if _emulator is not None:
