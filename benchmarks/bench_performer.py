@@ -19,6 +19,17 @@ fp32 (B, T, m) and (B, T, emb) intermediates for the backward. Expected: within 
 >= 3x eager (the issue's target) and <= 0.5x its peak memory; torch.compile fuses the elementwise
 chain but not the reductions into the GEMMs, so fastvit should still lead it by >= 1.5x.
 
+H200 (the device fastvit-gpu-check runs on: HBM3e ~4.8 TB/s): the same bytes give layer 1 60 us forward,
+195 us backward; layer 2 40 us and 80 us.
+
+The CUDA rows (csrc/performer.cu, "cuda" in fused_backends) appear by themselves. That backend is built from
+simpler passes: the kqv projection is written once (3O) and read by the feature kernels, y is written and
+read back for the projection GEMM, and the backward writes dy (fp32) and dkqv and re-reads them in separate
+GEMMs. Bytes: forward X + 10O (layer 1: 632 MB -> 132 us on an H200; layer 2: 244 MB -> 51 us), backward
+2X + 26O (1.57 GB -> 327 us; 563 MB -> 117 us): about 2x the Triton kernels' traffic, still ~5x below the
+eager chain's. Expected (not measured, no GPU run yet): slower than Triton by up to ~2x, >= 3x eager
+forward + backward, with peak memory (kqv, y and the fp32 sums saved) well under half of eager's.
+
 ``python -m benchmarks.bench_performer`` is ``python -m benchmarks --families performer`` (without a GPU:
 the family's CPU smoke checks); ``--bytes`` prints the byte model (no GPU needed).
 """

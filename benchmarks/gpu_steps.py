@@ -443,7 +443,8 @@ def sanitizer_workload(dtypes: tuple[str, ...] = ("bf16", "fp16", "fp32")) -> No
     D = 40 (dQ written directly) with a fully masked row and a strided view; the embed ops in ``dtypes``:
     ViT-B/16's patch embedding at batch 4 (dW split over tokens), vit-pytorch's form with both LayerNorms
     on an odd channels_last view (35 x 56, patch 7, C = 4), T2T's first soft split + LayerNorm on a
-    37 x 53 image and a soft split of a folded-back 28 x 28 map."""
+    37 x 53 image and a soft split of a folded-back 28 x 28 map; the Performer in ``dtypes`` at T2T-ViT-14's
+    second layer with dropout and at a ragged 37-token shape, forward, inference and backward."""
     import torch
 
     import fastvit
@@ -495,6 +496,18 @@ def sanitizer_workload(dtypes: tuple[str, ...] = ("bf16", "fp16", "fp32")) -> No
             ops.embed.soft_split_layer_norm(img, 7, 4, 2, lw, None).float().sum().backward()
             fmap = torch.randn(2, 784, 64, device="cuda", dtype=dtype).transpose(1, 2).reshape(2, 64, 28, 28)
             ops.soft_split(fmap.requires_grad_(), 3, 2, 1).float().sum().backward()
+    with fastvit.use_backend({"performer": "cuda"}):
+        for dtype in (getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[d]) for d in dtypes):
+            def r(*s, scale=1.0, dt=dtype):
+                return (torch.randn(*s, device="cuda") * scale).to(dt).requires_grad_()
+
+            for T, dim, p in ((784, 576, 0.1), (37, 147, 0.0)):  # T2T-ViT-14's second layer; a ragged one
+                x = r(4, T, dim)
+                args = (r(192, dim, scale=0.5 * dim**-0.5), r(192, scale=0.1), r(32, 64, scale=1.0, dt=torch.float32),
+                        r(64, 64, scale=0.125), r(64, scale=0.1))
+                ops.performer_attention(x, *args, dropout_p=p).float().sum().backward()
+                with torch.no_grad():
+                    ops.performer_attention(x, *args)
     torch.cuda.synchronize()
     print("sanitizer workload done")
 
