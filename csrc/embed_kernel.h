@@ -43,6 +43,40 @@ FV_FN float warp_sum(Cx& cx, float v) {
   return v;
 }
 
+// Mean and 1 / sqrt(var + eps) (fp32, two passes) of the n values at(i) of a row held by one warp; every
+// lane gets both. Lanes of a dead row (live = false) only take part in the shuffles.
+template <class Cx, class At>
+FV_FN void warp_row_stats(Cx& cx, bool live, int n, const At& at, float eps, float& mean, float& rstd) {
+  const int lane = cx.tid() % 32;
+  float s = 0.f;
+  if (live)
+    for (int i = lane; i < n; i += 32) s += at(i);
+  mean = warp_sum(cx, s) / float(n);
+  float v = 0.f;
+  if (live)
+    for (int i = lane; i < n; i += 32) {
+      const float d = at(i) - mean;
+      v += d * d;
+    }
+  rstd = 1.f / std::sqrt(warp_sum(cx, v) / float(n) + eps);
+}
+
+// A LayerNorm backward's row terms over one warp: c1 = mean(gy), c2 = mean(gy xhat), with gy(i) the
+// incoming gradient times the weight and xhat(i) the normalised input; then dx = rstd (gy - c1 - xhat c2).
+template <class Cx, class G, class X>
+FV_FN void warp_norm_terms(Cx& cx, bool live, int n, const G& gy, const X& xhat, float& c1, float& c2) {
+  const int lane = cx.tid() % 32;
+  float s1 = 0.f, s2 = 0.f;
+  if (live)
+    for (int i = lane; i < n; i += 32) {
+      const float g = gy(i);
+      s1 += g;
+      s2 += g * xhat(i);
+    }
+  c1 = warp_sum(cx, s1) / float(n);
+  c2 = warp_sum(cx, s2) / float(n);
+}
+
 // ---------------------------------------------------------------------------------------------- geometry
 
 // An image batch (B, C, H, W) read or written through element strides.
@@ -252,20 +286,11 @@ struct PatchStats {
     const int64_t m = int64_t(bx) * kWarps + cx.tid() / 32;
     const bool live = m < g.M;  // every lane takes part in the shuffles
     const auto at = [&](int k) { return load_f<T>(g.x.ptr, patch_offset(g, g.x.sb, g.x.sc, g.x.sh, g.x.sw, m, k)); };
-    float s = 0.f;
-    if (live)
-      for (int k = lane; k < g.K; k += 32) s += at(k);
-    const float mu = warp_sum(cx, s) / float(g.K);
-    float v = 0.f;
-    if (live)
-      for (int k = lane; k < g.K; k += 32) {
-        const float d = at(k) - mu;
-        v += d * d;
-      }
-    const float var = warp_sum(cx, v) / float(g.K);
+    float mu, r;
+    warp_row_stats(cx, live, g.K, at, eps, mu, r);
     if (live && lane == 0) {
       mean[m] = mu;
-      rstd[m] = 1.f / std::sqrt(var + eps);
+      rstd[m] = r;
     }
   }
 };
@@ -358,17 +383,8 @@ struct PatchPostNorm {
     const bool live = m < M;
     const int64_t bi = live ? m / L : 0, t = live ? m - bi * L : 0;
     const int64_t zrow = bi * z.sb + t * z.st, orow = bi * out.sb + (t + row0) * out.st;
-    float s = 0.f;
-    if (live)
-      for (int n = lane; n < D; n += 32) s += load_f<T>(z.ptr, zrow + n * z.sd);
-    const float mu = warp_sum(cx, s) / float(D);
-    float v = 0.f;
-    if (live)
-      for (int n = lane; n < D; n += 32) {
-        const float d = load_f<T>(z.ptr, zrow + n * z.sd) - mu;
-        v += d * d;
-      }
-    const float r = 1.f / std::sqrt(warp_sum(cx, v) / float(D) + eps);
+    float mu, r;
+    warp_row_stats(cx, live, D, [&](int n) { return load_f<T>(z.ptr, zrow + n * z.sd); }, eps, mu, r);
     if (!live) return;
     for (int n = lane; n < D; n += 32) {
       float y = (load_f<T>(z.ptr, zrow + n * z.sd) - mu) * r;
@@ -426,20 +442,12 @@ struct PatchPostNormBwd {
     const int64_t bi = live ? m / L : 0, t = live ? m - bi * L : 0;
     const int64_t yrow = bi * dy.sb + (t + row0) * dy.st, zrow = bi * z.sb + t * z.st;
     const float mu = live ? mean[m] : 0.f, r = live ? rstd[m] : 0.f;
-    float s1 = 0.f, s2 = 0.f;
-    if (live)
-      for (int n = lane; n < D; n += 32) {
-        const float gy = load_f<T>(dy.ptr, yrow + n * dy.sd) * (w != nullptr ? w[n] : 1.f);
-        s1 += gy;
-        s2 += gy * (load_f<T>(z.ptr, zrow + n * z.sd) - mu) * r;
-      }
-    const float c1 = warp_sum(cx, s1) / float(D), c2 = warp_sum(cx, s2) / float(D);
+    const auto gy = [&](int n) { return load_f<T>(dy.ptr, yrow + n * dy.sd) * (w != nullptr ? w[n] : 1.f); };
+    const auto zhat = [&](int n) { return (load_f<T>(z.ptr, zrow + n * z.sd) - mu) * r; };
+    float c1, c2;
+    warp_norm_terms(cx, live, D, gy, zhat, c1, c2);
     if (!live) return;
-    for (int n = lane; n < D; n += 32) {
-      const float gy = load_f<T>(dy.ptr, yrow + n * dy.sd) * (w != nullptr ? w[n] : 1.f);
-      const float zh = (load_f<T>(z.ptr, zrow + n * z.sd) - mu) * r;
-      store_f<T>(dz, m * D + n, r * (gy - c1 - zh * c2));
-    }
+    for (int n = lane; n < D; n += 32) store_f<T>(dz, m * D + n, r * (gy(n) - c1 - zhat(n) * c2));
   }
 };
 
@@ -614,14 +622,8 @@ struct PatchPreNormDx {
       return (load_f<T>(g.x.ptr, patch_offset(g, g.x.sb, g.x.sc, g.x.sh, g.x.sw, m, k)) - mu) * r;
     };
     const auto gxn = [&](int k) { return scratch[m * g.K + k] * (w != nullptr ? w[k] : 1.f); };
-    float s1 = 0.f, s2 = 0.f;
-    if (live)
-      for (int k = lane; k < g.K; k += 32) {
-        const float gv = gxn(k);
-        s1 += gv;
-        s2 += gv * xhat(k);
-      }
-    const float c1 = warp_sum(cx, s1) / float(g.K), c2 = warp_sum(cx, s2) / float(g.K);
+    float c1, c2;
+    warp_norm_terms(cx, live, g.K, gxn, xhat, c1, c2);
     if (!live) return;
     for (int k = lane; k < g.K; k += 32)
       store_f<T>(dx, patch_offset(g, sb, sc, sh, sw, m, k), r * (gxn(k) - c1 - xhat(k) * c2));
@@ -696,17 +698,8 @@ struct UnfoldNorm {
     const int lane = cx.tid() % 32;
     const int64_t m = int64_t(bx) * kWarps + cx.tid() / 32;
     const bool live = m < g.M;
-    float s = 0.f;
-    if (live)
-      for (int f = lane; f < g.F; f += 32) s += window_value<T>(g, m, f);
-    const float mu = warp_sum(cx, s) / float(g.F);
-    float v = 0.f;
-    if (live)
-      for (int f = lane; f < g.F; f += 32) {
-        const float d = window_value<T>(g, m, f) - mu;
-        v += d * d;
-      }
-    const float r = 1.f / std::sqrt(warp_sum(cx, v) / float(g.F) + eps);
+    float mu, r;
+    warp_row_stats(cx, live, g.F, [&](int f) { return window_value<T>(g, m, f); }, eps, mu, r);
     if (!live) return;
     for (int f = lane; f < g.F; f += 32) {
       float y = (window_value<T>(g, m, f) - mu) * r;
@@ -751,14 +744,11 @@ struct UnfoldNormRows {
     const int64_t m = int64_t(bx) * kWarps + cx.tid() / 32;
     const bool live = m < g.M;
     const float mu = live ? mean[m] : 0.f, r = live ? rstd[m] : 0.f;
-    float s1 = 0.f, s2 = 0.f;
-    if (live)
-      for (int f = lane; f < g.F; f += 32) {
-        const float gy = load_f<OT>(dy.ptr, token_grad_offset(dy, g.L, m, f)) * (w != nullptr ? w[f] : 1.f);
-        s1 += gy;
-        s2 += gy * (window_value<T>(g, m, f) - mu) * r;
-      }
-    const float a = warp_sum(cx, s1) / float(g.F), b = warp_sum(cx, s2) / float(g.F);
+    const auto gy = [&](int f) {
+      return load_f<OT>(dy.ptr, token_grad_offset(dy, g.L, m, f)) * (w != nullptr ? w[f] : 1.f);
+    };
+    float a, b;
+    warp_norm_terms(cx, live, g.F, gy, [&](int f) { return (window_value<T>(g, m, f) - mu) * r; }, a, b);
     if (live && lane == 0) {
       c1[m] = a;
       c2[m] = b;

@@ -209,6 +209,28 @@ FV_FN void features(Cx& cx, const Feat& f, const float* ws, const float* u, floa
   cx.sync();
 }
 
+// den[t] = phi(u_t) . ksum + eps for kTile tokens.
+template <class Cx>
+FV_FN void normaliser(Cx& cx, const float* ph, const float* ksum, int m, float eps, float* den) {
+  for (int t = cx.tid(); t < kTile; t += kThreads) {
+    float s = 0.f;
+    for (int j = 0; j < m; ++j) s += ph[t * m + j] * ksum[j];
+    den[t] = s + eps;
+  }
+  cx.sync();
+}
+
+// out[t] = sum over the n entries of row t of a (kTile x n).
+template <class Cx>
+FV_FN void row_sums(Cx& cx, const float* a, int n, float* out) {
+  for (int t = cx.tid(); t < kTile; t += kThreads) {
+    float s = 0.f;
+    for (int j = 0; j < n; ++j) s += a[t * n + j];
+    out[t] = s;
+  }
+  cx.sync();
+}
+
 template <class Cx>
 FV_FN void load_fp32(Cx& cx, float* dst, const float* src, int n) {
   for (int i = cx.tid(); i < n; i += kThreads) dst[i] = src[i];
@@ -317,12 +339,7 @@ struct QSide {
     load_tokens<T>(cx, qs, kqv, b * T_ + tt, valid, E, E);
     cx.sync();
     features(cx, f, ws, qs, nrm, ph, valid);
-    for (int t = cx.tid(); t < kTile; t += kThreads) {
-      float s = 0.f;
-      for (int j = 0; j < m; ++j) s += ph[t * m + j] * ks[j];
-      den[t] = s + eps;
-    }
-    cx.sync();
+    normaliser(cx, ph, ks, m, eps, den);
     for (int i = cx.tid(); i < valid * E; i += kThreads) {
       const int t = i / E, e = i - t * E;
       float s = 0.f;
@@ -389,12 +406,7 @@ struct QBwd {
       for (int i = cx.tid(); i < kTile * E; i += kThreads) dys[i] = i / E < valid ? dy[row0 * E + i] : 0.f;
       cx.sync();
       features(cx, f, ws, qs, nrm, ph, valid);
-      for (int t = cx.tid(); t < kTile; t += kThreads) {
-        float s = 0.f;
-        for (int j = 0; j < m; ++j) s += ph[t * m + j] * ks[j];
-        den[t] = s + eps;
-      }
-      cx.sync();
+      normaliser(cx, ph, ks, m, eps, den);
       for (int i = cx.tid(); i < kTile * E; i += kThreads) {
         const int t = i / E, e = i - t * E;
         float s = 0.f;
@@ -417,12 +429,7 @@ struct QBwd {
         gp[i] = (s + dd[t] * ks[j]) * ph[i];
       }
       cx.sync();
-      for (int t = cx.tid(); t < kTile; t += kThreads) {
-        float s = 0.f;
-        for (int j = 0; j < m; ++j) s += gp[t * m + j];
-        gs[t] = s;
-      }
-      cx.sync();
+      row_sums(cx, gp, m, gs);
       if (dkqv != nullptr)
         for (int i = cx.tid(); i < valid * E; i += kThreads) {
           const int t = i / E, e = i - t * E;
@@ -510,12 +517,7 @@ struct KBwd {
         gp[i] = (s + dks[j]) * ph[i];
       }
       cx.sync();
-      for (int t = cx.tid(); t < kTile; t += kThreads) {
-        float s = 0.f;
-        for (int j = 0; j < m; ++j) s += gp[t * m + j];
-        gs[t] = s;
-      }
-      cx.sync();
+      row_sums(cx, gp, m, gs);
       if (dkqv != nullptr)
         for (int i = cx.tid(); i < valid * E; i += kThreads) {
           const int t = i / E, e = i - t * E;

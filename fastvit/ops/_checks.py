@@ -87,3 +87,19 @@ def last_dim(x, size: int, owner: str):
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be a tensor (..., {size}) to match {owner} ({size} features), got {shape}")
     return x
+
+
+CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def cuda_reason(tensors: dict) -> str | None:
+    """Why the CUDA extension's float32 / float16 / bfloat16 kernels cannot take these named tensors
+    (None entries skipped), or None when they can."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.device.type != "cuda":
+            return f"{name}: the CUDA backend needs CUDA tensors, got one on {t.device}"
+        if t.dtype not in CUDA_DTYPES:
+            return f"{name}: the CUDA backend takes float32, float16 or bfloat16, got {t.dtype}"
+    return None

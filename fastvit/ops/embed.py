@@ -244,24 +244,11 @@ backend.register("soft_split_layer_norm", "triton", _ssln_triton, _ssln_why_not)
 # CUDA backend (csrc/embed*.cu through fastvit/csrc/embed.py, built and loaded on first use by fastvit._ext)
 # ----------------------------------------------------------------------------------------------
 
-_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _cuda_reason(tensors: dict) -> str | None:
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        if t.device.type != "cuda":
-            return f"{name}: the CUDA backend needs CUDA tensors, got one on {t.device}"
-        if t.dtype not in _CUDA_DTYPES:
-            return f"{name}: the CUDA embed kernels take float32, float16 or bfloat16, got {t.dtype}"
-    return None
-
 
 def _patch_embed_cuda_why_not(x, weight, bias, patch_size, pos_embed=None, cls_token=None, *, patch_order="chw",
                               pre_norm=False, pre_norm_weight=None, pre_norm_bias=None, post_norm=False,
                               post_norm_weight=None, post_norm_bias=None, norm_eps=1e-5):
-    reason = _cuda_reason({"x": x, "weight": weight, "bias": bias, "pos_embed": pos_embed, "cls_token": cls_token,
+    reason = check.cuda_reason({"x": x, "weight": weight, "bias": bias, "pos_embed": pos_embed, "cls_token": cls_token,
                            "pre_norm_weight": pre_norm_weight, "pre_norm_bias": pre_norm_bias,
                            "post_norm_weight": post_norm_weight, "post_norm_bias": post_norm_bias})
     if reason is not None:
@@ -282,7 +269,7 @@ def _patch_embed_cuda(*args, **kwargs):
 
 
 def _soft_split_cuda_why_not(x, kernel_size, stride, padding):
-    return _cuda_reason({"x": x})
+    return check.cuda_reason({"x": x})
 
 
 def _soft_split_cuda(x, kernel_size, stride, padding):
@@ -292,7 +279,7 @@ def _soft_split_cuda(x, kernel_size, stride, padding):
 
 
 def _ssln_cuda_why_not(x, kernel_size, stride, padding, weight=None, bias=None, eps=1e-5):
-    reason = _cuda_reason({"x": x, "weight": weight, "bias": bias})
+    reason = check.cuda_reason({"x": x, "weight": weight, "bias": bias})
     if reason is not None:
         return reason
     out_dtype = autocast_dtype(x) or x.dtype

@@ -71,23 +71,11 @@ backend.register("layer_norm", "triton", _triton_layer_norm, _triton_layer_norm_
 backend.register("layernorm_mlp", "triton", _triton_layernorm_mlp, _triton_layernorm_mlp_why_not)
 
 # CUDA backend (csrc/mlp.cu through fastvit/csrc/mlp.py, built and loaded on first use by fastvit._ext).
-_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CUDA_MAX = 2**31 - 1  # CUTLASS problem sizes are int32
 
 
-def _cuda_reason(tensors: dict) -> str | None:
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        if t.device.type != "cuda":
-            return f"{name}: the CUDA backend needs CUDA tensors, got one on {t.device}"
-        if t.dtype not in _CUDA_DTYPES:
-            return f"{name}: the CUDA backend takes float32, float16 or bfloat16, got {t.dtype}"
-    return None
-
-
 def _cuda_layer_norm_why_not(x, weight, bias, eps):
-    return _cuda_reason({"x": x, "weight": weight, "bias": bias})
+    return check.cuda_reason({"x": x, "weight": weight, "bias": bias})
 
 
 def _cuda_layer_norm(x, weight, bias, eps):
@@ -100,7 +88,7 @@ def _cuda_layer_norm(x, weight, bias, eps):
 
 def _cuda_layernorm_mlp_why_not(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, residual, dropout_p,
                                 activation="gelu"):
-    reason = _cuda_reason({
+    reason = check.cuda_reason({
         "x": x, "ln_weight": ln_weight, "ln_bias": ln_bias, "fc1_weight": fc1_weight, "fc1_bias": fc1_bias,
         "fc2_weight": fc2_weight, "fc2_bias": fc2_bias, "residual": residual,
     })

@@ -47,20 +47,15 @@ def _triton_call(x, kqv_weight, kqv_bias, w, proj_weight, proj_bias, eps=1e-8, d
 backend.register("performer_attention", "triton", _triton_call, _triton_why_not)
 
 # CUDA backend (csrc/performer.cu through fastvit/csrc/performer.py, built and loaded on first use by fastvit._ext)
-_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CUDA_MAX_EMB, _CUDA_MAX_FEATURES, _CUDA_MAX_FEATURE_ELEMS = 128, 128, 4096  # csrc/performer_ops.h
 
 
 def _cuda_why_not(x, kqv_weight, kqv_bias, w, proj_weight, proj_bias, eps, dropout_p) -> str | None:
     """Why the CUDA kernels cannot serve these (checked, autocast) inputs, or None."""
-    for name, t in (("x", x), ("kqv_weight", kqv_weight), ("kqv_bias", kqv_bias), ("w", w),
-                    ("proj_weight", proj_weight), ("proj_bias", proj_bias)):
-        if t is None:
-            continue
-        if t.device.type != "cuda":
-            return f"{name}: the CUDA backend needs CUDA tensors, got one on {t.device}"
-        if t.dtype not in _CUDA_DTYPES:
-            return f"{name}: the CUDA Performer takes float32, float16 or bfloat16, got {t.dtype}"
+    reason = check.cuda_reason({"x": x, "kqv_weight": kqv_weight, "kqv_bias": kqv_bias, "w": w,
+                                "proj_weight": proj_weight, "proj_bias": proj_bias})
+    if reason is not None:
+        return reason
     emb, m = proj_weight.shape[0], w.shape[0]
     if emb > _CUDA_MAX_EMB or m > _CUDA_MAX_FEATURES or emb * m > _CUDA_MAX_FEATURE_ELEMS:
         return (f"emb = {emb}, m = {m}: the CUDA Performer keeps (m, emb) matrices in shared memory (emb, m <= 128, "
