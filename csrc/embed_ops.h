@@ -82,6 +82,8 @@ Tensor dx_like(Exec& ex, const Tensor& x) {
 
 // ------------------------------------------------------------------------------------- patch_embed
 
+constexpr int64_t kMaxGridY = 65535;  // CUDA's limit on gridDim.y and gridDim.z
+
 struct PatchSetup {
   E::Patches g;
   E::Weight w;
@@ -116,9 +118,9 @@ PatchSetup patch_setup(const char* op, Exec& ex, const Tensor& x, const Tensor& 
               weight.scalar_type(), ", got ", x.scalar_type(),
               " (a float32 x before a pre-norm under autocast runs on the triton or eager backend)");
   const int64_t D = weight.size(0);
-  TORCH_CHECK(K < (int64_t(1) << 31) && D < (int64_t(1) << 31) && (H / ph) * (W / pw) < (int64_t(1) << 30) &&
-                  B <= 65535 * int64_t(1 << 15),
-              "fastvit ", op, " (cuda): sizes beyond the kernels' 32-bit indices");
+  TORCH_CHECK(K <= kMaxGridY * E::kBN && D <= kMaxGridY * E::kBN && (H / ph) * (W / pw) < (int64_t(1) << 30),
+              "fastvit ", op, " (cuda): the patch features C*p*p (", K, ") and D (", D, ") must be at most ",
+              kMaxGridY * E::kBN, " (64-wide tiles on the grid's second dim) and the tokens per image below 2^30");
   ex.check(op, "x", x, x);
   ex.check(op, "weight", weight, x);
   check_device(op, ex, x, {{"bias", &bias}, {"pos_embed", &pos}, {"cls_token", &cls}, {"pre_weight", &pre_w},

@@ -49,8 +49,10 @@ Shape check(const char* op, Exec& ex, const Tensor& x, const Tensor& kqv_weight,
   TORCH_CHECK(s.E >= 1 && s.E <= kMaxEmb && s.m <= kMaxFeatures && s.E * s.m <= kMaxFeatureElems, "fastvit ", op,
               " (cuda): emb must be 1 to ", kMaxEmb, " and m to ", kMaxFeatures, " with m * emb <= ", kMaxFeatureElems,
               " (the feature kernels hold them in shared memory), got emb ", s.E, " and m ", s.m);
-  TORCH_CHECK(s.B <= 65535 && s.T * 3 * s.E < (int64_t(1) << 31) && s.dim < (int64_t(1) << 31), "fastvit ", op,
-              " (cuda): sizes beyond the kernels' limits (B <= 65535, T * 3 emb < 2^31)");
+  TORCH_CHECK(s.B <= embed_ops::kMaxGridY && s.T * 3 * s.E < (int64_t(1) << 31) &&
+                  s.dim <= embed_ops::kMaxGridY * P::kBN,
+              "fastvit ", op, " (cuda): sizes beyond the kernels' limits (B <= 65535, T * 3 emb < 2^31, dim <= ",
+              embed_ops::kMaxGridY * P::kBN, ")");
   TORCH_CHECK(dropout_p == 0.0 || seed.has_value(), "fastvit ", op, " (cuda): dropout_p > 0 needs a seed tensor");
   ex.check(op, "x", x, x);
   ex.check(op, "kqv_weight", kqv_weight, x);

@@ -342,7 +342,7 @@ def gpu_pe_inputs(*args, **kwargs):
 
 
 # B, C, H, W, p, D: ViT-B/16 at 224 and 384 px, ViT-L/14, odd images (patch 7, C = 1 and 4)
-GPU_PE = [(64, 3, 224, 224, 16, 768), (16, 3, 384, 384, 16, 768), (16, 3, 224, 224, 14, 1024),
+GPU_PE = [(16, 3, 224, 224, 16, 768), (8, 3, 384, 384, 16, 768), (8, 3, 224, 224, 14, 1024),
           (8, 1, 35, 49, 7, 40), (8, 4, 56, 35, 7, 96)]
 
 
@@ -358,7 +358,7 @@ def test_gpu_patch_embed_model_shapes(ext, B, C, H, W, p, D, dtype):
 @pytest.mark.parametrize("norms, layout, x_grad", [("pre+post", "nchw", False), ("post", "channels_last", True),
                                                    ("pre-noaffine", "view", True)])
 def test_gpu_patch_embed_vit_pytorch_form(ext, dtype, norms, layout, x_grad):
-    inputs = gpu_pe_inputs(32, 3, 224, 224, 16, 768, dtype, cls="1D", pos="LD", hwc=True, norms=norms, layout=layout,
+    inputs = gpu_pe_inputs(8, 3, 224, 224, 16, 768, dtype, cls="1D", pos="LD", hwc=True, norms=norms, layout=layout,
                            x_grad=x_grad)
     gpu_check(ops.patch_embed, reference.patch_embed, inputs, dtype)
 
@@ -375,7 +375,7 @@ def test_gpu_patch_embed_noncontiguous_and_expanded_grad(ext, dtype):
 
 # B, C, H, W, k, s, p: T2T-ViT-14 / -24's three soft splits (both share the T2T module: token_dim 64),
 # an odd image (37 x 53, C = 1) and an odd map (C = 4)
-GPU_SPLITS = [(16, 3, 224, 224, 7, 4, 2), (16, 64, 56, 56, 3, 2, 1), (16, 64, 28, 28, 3, 2, 1),
+GPU_SPLITS = [(8, 3, 224, 224, 7, 4, 2), (8, 64, 56, 56, 3, 2, 1), (8, 64, 28, 28, 3, 2, 1),
               (4, 1, 37, 53, 7, 4, 2), (4, 4, 37, 53, 3, 2, 1)]
 
 
@@ -428,28 +428,23 @@ def test_gpu_opcheck(ext):
 
 
 @pytest.mark.gpu
-def test_gpu_compile_fullgraph_of_patch_embedding_and_t2t_modules(ext):
-    from fastvit.models.t2t_vit import T2TModule
-
+def test_gpu_compile_fullgraph_of_a_patch_embedding_module(ext):
+    """(The T2T module, soft splits and Performers on "cuda", is compiled in test_performer_cuda.py.)"""
     embed = nn.PatchEmbed(224, 16, 3, 768).cuda()
     pos, cls = torch.randn(1, 197, 768, device="cuda"), torch.randn(1, 1, 768, device="cuda")
     x = torch.randn(4, 3, 224, 224, device="cuda", requires_grad=True)
-    t2t = T2TModule(224, embed_dim=384).cuda().eval()  # eval: no dropout, so compiled and eager agree
     with fastvit.use_backend(CUDA), torch.autocast("cuda", dtype=BF16):
         y_eager = embed(x, pos, cls)
         y_comp = torch.compile(embed, fullgraph=True)(x, pos, cls)
-        t_eager = t2t(x)
-        t_comp = torch.compile(t2t, fullgraph=True)(x)
     torch.testing.assert_close(y_comp, y_eager)
-    torch.testing.assert_close(t_comp, t_eager)
-    (y_comp.float().sum() + t_comp.float().sum()).backward()
+    y_comp.float().sum().backward()
     assert torch.isfinite(x.grad).all()
 
 
 @pytest.mark.gpu
 def test_gpu_backward_is_bitwise_deterministic(ext):
-    inputs = gpu_pe_inputs(64, 3, 224, 224, 16, 768, BF16, cls="11D", pos="1LD", hwc=True, norms="pre+post")
-    x = torch.randn(16, 64, 56, 56, device="cuda", dtype=BF16, requires_grad=True)
+    inputs = gpu_pe_inputs(16, 3, 224, 224, 16, 768, BF16, cls="11D", pos="1LD", hwc=True, norms="pre+post")
+    x = torch.randn(8, 64, 56, 56, device="cuda", dtype=BF16, requires_grad=True)
     wrt = [v for v in inputs.values() if isinstance(v, torch.Tensor) and v.requires_grad]
     runs = []
     for _ in range(3):

@@ -244,6 +244,8 @@ backend.register("soft_split_layer_norm", "triton", _ssln_triton, _ssln_why_not)
 # CUDA backend (csrc/embed*.cu through fastvit/csrc/embed.py, built and loaded on first use by fastvit._ext)
 # ----------------------------------------------------------------------------------------------
 
+_CUDA_MAX_WIDTH = 65535 * 64  # 64-wide tiles on the grid's second dim (csrc/embed_ops.h)
+
 
 def _patch_embed_cuda_why_not(x, weight, bias, patch_size, pos_embed=None, cls_token=None, *, patch_order="chw",
                               pre_norm=False, pre_norm_weight=None, pre_norm_bias=None, post_norm=False,
@@ -257,8 +259,9 @@ def _patch_embed_cuda_why_not(x, weight, bias, patch_size, pos_embed=None, cls_t
         return (f"the CUDA patch_embed reads x in the weight's dtype; x is {x.dtype} and the weight {weight.dtype} "
                 "(a pre-norm under autocast)")
     K = x.shape[1] * patch_size[0] * patch_size[1]
-    if max(K, weight.shape[0]) >= 2**31 or x.shape[0] * (x.shape[2] // patch_size[0]) * (x.shape[3] // patch_size[1]) >= 2**40:
-        return "sizes beyond the CUDA kernels' 32-bit feature and token indices"
+    if max(K, weight.shape[0]) > _CUDA_MAX_WIDTH or (x.shape[2] // patch_size[0]) * (x.shape[3] // patch_size[1]) >= 2**30:
+        return (f"the CUDA patch_embed takes C*p*p and D up to {_CUDA_MAX_WIDTH} and fewer than 2**30 tokens per image, "
+                f"got {K}, {weight.shape[0]}")
     return None
 
 

@@ -63,8 +63,9 @@ def _cuda_why_not(x, kqv_weight, kqv_bias, w, proj_weight, proj_bias, eps, dropo
     B, T, dim = x.shape
     if dim == 0:
         return f"x has no features (shape {tuple(x.shape)})"
-    if B > 65535 or T * 3 * emb >= 2**31:
-        return f"B = {B} > 65535 or T * 3 emb = {T * 3 * emb} >= 2**31 (grid and 32-bit counters)"
+    if B > 65535 or T * 3 * emb >= 2**31 or dim > 65535 * 64:
+        return (f"B = {B} > 65535, T * 3 emb = {T * 3 * emb} >= 2**31 or dim = {dim} > {65535 * 64} "
+                "(the CUDA grid's limits and 32-bit dropout counters)")
     return None
 
 
