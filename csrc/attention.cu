@@ -44,7 +44,7 @@ unsigned blocks(int64_t n, int64_t per) { return unsigned((n + per - 1) / per); 
 template <class T, int DP>
 cudaError_t forward_t(const FwdParams& p, cudaStream_t stream) {
   constexpr int bytes = fwd_smem_bytes<DP>();
-  cudaError_t err = cudaFuncSetAttribute(fwd_kernel<T, DP>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  cudaError_t err = allow_smem<fwd_kernel<T, DP>>(bytes);
   if (err != cudaSuccess) return err;
   const dim3 grid(blocks(p.Nq, kBlockM), p.H, p.B);
   fwd_kernel<T, DP><<<grid, kThreads, bytes, stream>>>(p);
@@ -57,7 +57,7 @@ cudaError_t backward_t(const BwdParams& p, cudaStream_t stream) {
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const int bytes = bwd_smem_bytes<DP>(p.dq_smem_rows);
-  err = cudaFuncSetAttribute(bwd_kernel<T, DP>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  err = allow_smem<bwd_kernel<T, DP>>(bytes);
   if (err != cudaSuccess) return err;
   bwd_kernel<T, DP><<<dim3(p.splits, p.H, p.B), kThreads, bytes, stream>>>(p);
   err = cudaGetLastError();

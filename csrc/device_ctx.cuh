@@ -5,6 +5,7 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <type_traits>
 
 #include "kernel_common.h"
@@ -54,6 +55,26 @@ __global__ void __launch_bounds__(K::kThreads) run_kernel(const K k) {
   k(cx, blockIdx.x, blockIdx.y, blockIdx.z);
 }
 
+// Lets `kernel` launch with `bytes` of dynamic shared memory on the current device: above 48 KiB that
+// needs cudaFuncSetAttribute, called once per (kernel, device) and size increase, not at every launch.
+template <auto kernel>
+cudaError_t allow_smem(int bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  constexpr int kDevices = 64;
+  static std::atomic<int> granted[kDevices] = {};  // per kernel: the largest size set on each device
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev < kDevices && granted[dev].load(std::memory_order_relaxed) >= bytes) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess && dev < kDevices) {
+    int seen = granted[dev].load(std::memory_order_relaxed);
+    while (seen < bytes && !granted[dev].compare_exchange_weak(seen, bytes, std::memory_order_relaxed)) {
+    }
+  }
+  return err;
+}
+
 // Launches k on stream (nothing for an empty grid), opting in to more than 48 KiB of shared memory
 // when the body asks for it.
 template <class K>
@@ -61,10 +82,8 @@ cudaError_t launch_kernel(const K& k, cudaStream_t stream) {
   const auto g = k.grid();
   if (g.x == 0 || g.y == 0 || g.z == 0) return cudaSuccess;
   const int bytes = k.smem_bytes();
-  if (bytes > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(run_kernel<K>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    if (err != cudaSuccess) return err;
-  }
+  const cudaError_t err = allow_smem<run_kernel<K>>(bytes);
+  if (err != cudaSuccess) return err;
   run_kernel<K><<<dim3(g.x, g.y, g.z), K::kThreads, bytes, stream>>>(k);
   return cudaGetLastError();
 }
