@@ -5,10 +5,8 @@
 // CUDA ops' CPU kernels, so that fastvit.csrc.attention (fakes, autograd, fronts) runs on CPU tensors.
 #include <torch/library.h>
 
-#include <limits>
-
 #include "attention_ops.h"
-#include "emulate.h"
+#include "emulate_exec.h"
 
 namespace {
 
@@ -20,16 +18,9 @@ using at::Tensor;
 
 int g_num_sms = 132;
 
-struct EmuExec {
-  int guard(const Tensor&) const { return 0; }  // CPU: no device to make current
+struct EmuExec : fastvit::EmuExec {
   int num_sms() const { return g_num_sms; }
   int smem_per_sm() const { return 228 * 1024; }  // H100 / H200
-
-  void check(const char* op, const char* arg, const Tensor& t, const Tensor&) const {
-    TORCH_CHECK(t.device().is_cpu(), "fastvit ", op, " (emulated): ", arg, " must be a CPU tensor");
-  }
-
-  void fresh(Tensor& t) const { t.fill_(std::numeric_limits<float>::quiet_NaN()); }
 
   template <class T, int DP>
   void forward_t(const A::FwdParams& p) {

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "attention_ops.h"
+#include "cuda_exec.h"
 
 namespace {
 
@@ -12,18 +13,8 @@ namespace A = fastvit::attention;
 namespace O = fastvit::attention_ops;
 using at::Tensor;
 
-struct CudaExec {
-  at::OptionalDeviceGuard guard(const Tensor& t) const { return at::OptionalDeviceGuard(at::device_of(t)); }
-  int num_sms() const { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+struct CudaExec : fastvit::CudaExec {
   int smem_per_sm() const { return int(at::cuda::getCurrentDeviceProperties()->sharedMemPerMultiprocessor); }
-
-  void check(const char* op, const char* arg, const Tensor& t, const Tensor& like) const {
-    TORCH_CHECK(t.is_cuda(), "fastvit ", op, " (cuda): ", arg, " must be a CUDA tensor, got one on ", t.device());
-    TORCH_CHECK(t.device() == like.device(), "fastvit ", op, " (cuda): ", arg, " is on ", t.device(), " but q is on ",
-                like.device());
-  }
-
-  void fresh(const Tensor&) const {}
 
   static void ok(const char* op, cudaError_t err) {
     TORCH_CHECK(err == cudaSuccess, "fastvit ", op, " (cuda): kernel launch failed: ", cudaGetErrorString(err));

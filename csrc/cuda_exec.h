@@ -1,6 +1,7 @@
-// The CUDA executor of the embed and performer ops (embed_ops.h, performer_ops.h): device guard, SM count,
-// placement checks, and run(k), which launches a kernel object on the current stream through its
-// family's launch() (found by argument-dependent lookup: embed::launch, performer::launch).
+// The CUDA executor of the ops' tensor-side code (attention_ops.h, embed_ops.h, performer_ops.h): device
+// guard, SM count, placement checks, and run(k), which launches a kernel object of embed_kernel.h's form on
+// the current stream through its family's launch() (found by argument-dependent lookup: embed::launch,
+// performer::launch). The attention bindings extend it with their two launchers.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,8 +15,8 @@ struct CudaExec {
 
   void check(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& like) const {
     TORCH_CHECK(t.is_cuda(), "fastvit ", op, " (cuda): ", arg, " must be a CUDA tensor, got one on ", t.device());
-    TORCH_CHECK(t.device() == like.device(), "fastvit ", op, " (cuda): ", arg, " is on ", t.device(), " but x is on ",
-                like.device());
+    TORCH_CHECK(t.device() == like.device(), "fastvit ", op, " (cuda): ", arg, " is on ", t.device(),
+                ", the other inputs on ", like.device());
   }
 
   void fresh(const at::Tensor&) const {}

@@ -129,11 +129,31 @@ FV_FN int64_t weight_offset(const Patches& g, const Weight& w, int d, int k) {
   return d * w.sd + c * w.sc + i * w.si + j * w.sj;
 }
 
-// Rows of tokens (B, L', D) through strides: token t of image b is row t + row0.
+// A token tensor (B, L', D) written or read through strides, row by row (each kernel says where a token's
+// row is: t, or t + row0 after a cls row).
 struct Rows {
   void* ptr;
   int64_t sb, st, sd;
 };
+
+// A token tensor read through strides: token row r = b * L + t (t < L) is row t + row0 of image b
+// (row0 = 1 steps over a cls row), column n.
+struct Tokens {
+  const void* ptr;
+  int64_t sb, st, sn;
+  int L, row0;
+};
+
+FV_FN int64_t token_offset(const Tokens& a, int64_t r, int64_t n) {
+  const int64_t b = r / a.L;
+  return b * a.sb + (r - b * a.L + a.row0) * a.st + n * a.sn;
+}
+
+// Rows [r0, r1) of split s when R rows are cut into chunks of `chunk`.
+FV_FN void split_range(int64_t R, int64_t chunk, unsigned s, int64_t& r0, int64_t& r1) {
+  r0 = int64_t(s) * chunk;
+  r1 = r0 + chunk < R ? r0 + chunk : R;
+}
 
 // ---------------------------------------------------------------------------------------------- GEMM tile
 
@@ -470,8 +490,9 @@ struct PatchPostNormCols {
     const int64_t n = int64_t(bx) * kThreads + cx.tid();
     if (n >= D) return;
     double sw = 0.0, sb = 0.0, sz = 0.0;
-    const int64_t end = (int64_t(by) + 1) * chunk < M ? (int64_t(by) + 1) * chunk : M;
-    for (int64_t m = int64_t(by) * chunk; m < end; ++m) {
+    int64_t m0, m1;
+    split_range(M, chunk, by, m0, m1);
+    for (int64_t m = m0; m < m1; ++m) {
       const int64_t bi = m / L, t = m - bi * L;
       const float gy = load_f<T>(dy.ptr, bi * dy.sb + (t + row0) * dy.st + n * dy.sd);
       const float zh = (load_f<T>(z.ptr, bi * z.sb + t * z.st + n * z.sd) - mean[m]) * rstd[m];
@@ -486,25 +507,13 @@ struct PatchPostNormCols {
   }
 };
 
-// dz (M, D) through strides: the patch rows of dy, or the post-norm's dz buffer.
-struct Grad {
-  const void* ptr;
-  int64_t sb, st, sd;
-  int row0;
-};
-
-FV_FN int64_t grad_offset(const Grad& dz, int L, int64_t m, int64_t n) {
-  const int64_t b = m / L, t = m - b * L;
-  return b * dz.sb + (t + dz.row0) * dz.st + n * dz.sd;
-}
-
 // dW partials: part[s] (D, K) = sum over tokens of split s of dz(m, d) * patch(m, k), the patch
 // normalised (without the pre-norm's affine: the finishing kernel applies it).
 template <class T>
 struct PatchDw {
   static constexpr int kThreads = embed::kThreads;
   Patches g;
-  Grad dz;
+  Tokens dz;  // (M, D): dy's patch rows, or the post-norm's dz buffer
   const float* mean;  // pre-norm statistics, or nullptr
   const float* rstd;
   float* part;  // (S, D, K) fp32
@@ -515,7 +524,7 @@ struct PatchDw {
   int smem_bytes() const { return gemm_smem_bytes<T>(); }
   template <class Cx>
   FV_FN void operator()(Cx& cx, unsigned bx, unsigned by, unsigned bz) const {
-    const auto la = [&](int64_t d, int64_t m) { return load_f<T>(dz.ptr, grad_offset(dz, g.L, m, d)); };
+    const auto la = [&](int64_t d, int64_t m) { return load_f<T>(dz.ptr, token_offset(dz, m, d)); };
     const auto lb = [&](int64_t m, int64_t k) {
       float v = load_f<T>(g.x.ptr, patch_offset(g, g.x.sb, g.x.sc, g.x.sh, g.x.sw, m, int(k)));
       if (mean != nullptr) v = (v - mean[m]) * rstd[m];
@@ -523,7 +532,8 @@ struct PatchDw {
     };
     float* p = part + int64_t(bz) * D * g.K;
     const auto st = [&](int64_t d, int64_t k, float c) { p[d * g.K + k] = c; };
-    const int64_t k0 = int64_t(bz) * chunk, k1 = k0 + chunk < g.M ? k0 + chunk : g.M;
+    int64_t k0, k1;
+    split_range(g.M, chunk, bz, k0, k1);
     gemm_tile<T, false, false>(cx, int64_t(bx) * kBM, int64_t(by) * kBN, D, g.K, k0, k1, la, lb, st);
   }
 };
@@ -577,7 +587,7 @@ template <class T>
 struct PatchDx {
   static constexpr int kThreads = embed::kThreads;
   Patches g;
-  Grad dz;
+  Tokens dz;  // (M, D): dy's patch rows, or the post-norm's dz buffer
   Weight w;
   int D;
   void* dx;  // through dx strides, or nullptr
@@ -587,7 +597,7 @@ struct PatchDx {
   int smem_bytes() const { return gemm_smem_bytes<T>(); }
   template <class Cx>
   FV_FN void operator()(Cx& cx, unsigned bx, unsigned by, unsigned) const {
-    const auto la = [&](int64_t m, int64_t d) { return load_f<T>(dz.ptr, grad_offset(dz, g.L, m, d)); };
+    const auto la = [&](int64_t m, int64_t d) { return load_f<T>(dz.ptr, token_offset(dz, m, d)); };
     const auto lb = [&](int64_t d, int64_t k) { return load_f<T>(w.ptr, weight_offset(g, w, int(d), int(k))); };
     const auto st = [&](int64_t m, int64_t k, float c) {
       if (scratch != nullptr)
@@ -714,23 +724,12 @@ struct UnfoldNorm {
   }
 };
 
-// dy (B, L, F) in OT through strides.
-struct TokenGrad {
-  const void* ptr;
-  int64_t sb, sl, sf;
-};
-
-FV_FN int64_t token_grad_offset(const TokenGrad& dy, int L, int64_t m, int f) {
-  const int64_t b = m / L;
-  return b * dy.sb + (m - b * L) * dy.sl + f * dy.sf;
-}
-
 // The LayerNorm backward's per-token terms: c1 = mean(w dy), c2 = mean(w dy xhat). A warp per token.
 template <class T, class OT>
 struct UnfoldNormRows {
   static constexpr int kThreads = embed::kThreads;
   Windows g;
-  TokenGrad dy;
+  Tokens dy;  // (B, L, F) in OT
   const float* w;
   const float* mean;
   const float* rstd;
@@ -745,7 +744,7 @@ struct UnfoldNormRows {
     const bool live = m < g.M;
     const float mu = live ? mean[m] : 0.f, r = live ? rstd[m] : 0.f;
     const auto gy = [&](int f) {
-      return load_f<OT>(dy.ptr, token_grad_offset(dy, g.L, m, f)) * (w != nullptr ? w[f] : 1.f);
+      return load_f<OT>(dy.ptr, token_offset(dy, m, f)) * (w != nullptr ? w[f] : 1.f);
     };
     float a, b;
     warp_norm_terms(cx, live, g.F, gy, [&](int f) { return (window_value<T>(g, m, f) - mu) * r; }, a, b);
@@ -762,7 +761,7 @@ template <class T, class OT>
 struct UnfoldNormCols {
   static constexpr int kThreads = embed::kThreads;
   Windows g;
-  TokenGrad dy;
+  Tokens dy;  // (B, L, F) in OT
   const float* mean;
   const float* rstd;
   float* part;
@@ -775,9 +774,10 @@ struct UnfoldNormCols {
     const int f = int(bx) * kThreads + cx.tid();
     if (f >= g.F) return;
     double sw = 0.0, sb = 0.0;
-    const int64_t end = (int64_t(by) + 1) * chunk < g.M ? (int64_t(by) + 1) * chunk : g.M;
-    for (int64_t m = int64_t(by) * chunk; m < end; ++m) {
-      const float gy = load_f<OT>(dy.ptr, token_grad_offset(dy, g.L, m, f));
+    int64_t m0, m1;
+    split_range(g.M, chunk, by, m0, m1);
+    for (int64_t m = m0; m < m1; ++m) {
+      const float gy = load_f<OT>(dy.ptr, token_offset(dy, m, f));
       sw += double(gy) * ((window_value<T>(g, m, f) - mean[m]) * rstd[m]);
       sb += gy;
     }
@@ -793,7 +793,7 @@ template <class T, class OT>
 struct Fold {
   static constexpr int kThreads = embed::kThreads;
   Windows g;
-  TokenGrad dy;
+  Tokens dy;  // (B, L, F) in OT
   const float* w;  // LayerNorm: weight (or nullptr) ...
   const float* mean;  // ... and these (nullptr: plain fold)
   const float* rstd;
@@ -841,7 +841,7 @@ struct Fold {
           const int ki = hp - oh * g.sh, kj = wp - ow * g.sw;
           const int f = c * kk + ki * g.kw + kj;
           const int64_t m = b * g.L + int64_t(oh) * g.OW + ow;
-          float gy = load_f<OT>(dy.ptr, token_grad_offset(dy, g.L, m, f));
+          float gy = load_f<OT>(dy.ptr, token_offset(dy, m, f));
           if (mean != nullptr) {
             const float r = rstd[m];
             if (w != nullptr) gy *= w[f];

@@ -292,7 +292,7 @@ std::vector<Tensor> patch_embed_backward(Exec& ex, const Tensor& dy, const Tenso
       dysum = dsum.narrow(0, int64_t(s.has_cls), L).sum(0);
     }
     // 2. dz: the gradient of the projection's output (dy's patch rows, or through the post-norm)
-    E::Grad dzg{dy.data_ptr(), dy.stride(0), dy.stride(1), dy.stride(2), int(s.has_cls)};
+    E::Tokens dzg{dy.data_ptr(), dy.stride(0), dy.stride(1), dy.stride(2), int(L), int(s.has_cls)};
     Tensor dz, dbz = dysum;
     if (post_norm && need_dz) {
       dz = alloc(ex, {M, D}, weight.options());
@@ -308,7 +308,7 @@ std::vector<Tensor> patch_embed_backward(Exec& ex, const Tensor& dy, const Tenso
       if (need_post_w) grads[7] = sums[0].to(post_w->scalar_type(), false, true);
       if (need_post_b) grads[8] = sums[1].to(post_b->scalar_type(), false, true);
       dbz = sums[2];
-      dzg = {dz.data_ptr(), L * D, D, 1, 0};
+      dzg = {dz.data_ptr(), L * D, D, 1, int(L), 0};
     }
     if (need_b) grads[2] = dbz.to(bias->scalar_type(), false, true);
     // 3. dW = dz^T patches (token splits, fp32 partials) and the pre-norm parameters' gradients
@@ -418,7 +418,10 @@ void by_dtypes(const char* op, at::ScalarType x, at::ScalarType out, F&& f) {
     f(Tag<float>{}, Tag<__nv_bfloat16>{});
 }
 
-inline E::TokenGrad token_grad(const Tensor& dy) { return {dy.data_ptr(), dy.stride(0), dy.stride(1), dy.stride(2)}; }
+// A (B, L, N) tensor's token rows.
+inline E::Tokens tokens(const Tensor& t) {
+  return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2), int(t.size(1)), 0};
+}
 
 template <class Exec>
 Tensor fold(Exec& ex, const char* op, const Tensor& dy, const Tensor& x, const E::Windows& g, const float* w,
@@ -431,7 +434,7 @@ Tensor fold(Exec& ex, const char* op, const Tensor& dy, const Tensor& x, const E
   by_dtypes(op, x.scalar_type(), dy.scalar_type(), [&](auto tx, auto to) {
     using T = typename decltype(tx)::type;
     using OT = typename decltype(to)::type;
-    ex.run(E::Fold<T, OT>{g, token_grad(dy), w, mean, rstd, c1, c2, dx.data_ptr(), dx.stride(0), dx.stride(1),
+    ex.run(E::Fold<T, OT>{g, tokens(dy), w, mean, rstd, c1, c2, dx.data_ptr(), dx.stride(0), dx.stride(1),
                           dx.stride(2), dx.stride(3), cl, stride_blocks(x.numel(), ex.num_sms())});
   });
   return dx;
@@ -499,7 +502,7 @@ std::tuple<Tensor, Tensor, Tensor> ssln_backward(Exec& ex, const Tensor& dy, con
     by_dtypes(op, x.scalar_type(), dy.scalar_type(), [&](auto tx, auto to) {
       using T = typename decltype(tx)::type;
       using OT = typename decltype(to)::type;
-      ex.run(E::UnfoldNormCols<T, OT>{g, token_grad(dy), mean.data_ptr<float>(), rstd.data_ptr<float>(),
+      ex.run(E::UnfoldNormCols<T, OT>{g, tokens(dy), mean.data_ptr<float>(), rstd.data_ptr<float>(),
                                       part.data_ptr<float>(), (g.M + S - 1) / S, S});
     });
     const Tensor sums = part.sum(0);
@@ -511,7 +514,7 @@ std::tuple<Tensor, Tensor, Tensor> ssln_backward(Exec& ex, const Tensor& dy, con
     by_dtypes(op, x.scalar_type(), dy.scalar_type(), [&](auto tx, auto to) {
       using T = typename decltype(tx)::type;
       using OT = typename decltype(to)::type;
-      ex.run(E::UnfoldNormRows<T, OT>{g, token_grad(dy), fptr_or_null(w), mean.data_ptr<float>(),
+      ex.run(E::UnfoldNormRows<T, OT>{g, tokens(dy), fptr_or_null(w), mean.data_ptr<float>(),
                                       rstd.data_ptr<float>(), c1.data_ptr<float>(), c2.data_ptr<float>()});
     });
     dx = fold(ex, op, dy, x, g, fptr_or_null(w), mean.data_ptr<float>(), rstd.data_ptr<float>(), c1.data_ptr<float>(),

@@ -1,5 +1,6 @@
-// The emulator's executor of the embed and performer ops (embed_ops.h, performer_ops.h): CPU tensors,
-// every output and workspace NaN-filled, run(k) through the warp emulator (emulate.h).
+// The emulator's executor of the ops' tensor-side code (attention_ops.h, embed_ops.h, performer_ops.h): CPU
+// tensors, every output and workspace NaN-filled, run(k) through the warp emulator (emulate.h). The
+// attention emulator extends it with its two launchers and a settable SM count.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -29,6 +29,9 @@ using embed::gemm_smem_bytes;
 using embed::gemm_tile;
 using embed::kBM;
 using embed::kBN;
+using embed::split_range;
+using embed::token_offset;
+using embed::Tokens;
 constexpr int kThreads = embed::kThreads;
 constexpr int kTile = 16;  // tokens per feature-math step
 
@@ -66,25 +69,13 @@ FV_FN bool keep(const Dropout& d, int64_t b, int64_t t, int64_t e) {
 
 // ---------------------------------------------------------------------------------------------- GEMMs
 
-// A (B * T, N) operand of token rows through strides: row r = b * T + t.
-struct Rows {
-  const void* ptr;
-  int64_t sb, st, sn;
-  int T;
-};
-
-FV_FN int64_t row_offset(const Rows& a, int64_t r, int64_t n) {
-  const int64_t b = r / a.T;
-  return b * a.sb + (r - b * a.T) * a.st + n * a.sn;
-}
-
 // A value of a token-row operand, with the dropout's mask and scale applied when `drop.seed` is set.
 template <class T>
-FV_FN float row_value(const Rows& a, const Dropout& drop, int64_t r, int64_t n) {
-  const float v = load_f<T>(a.ptr, row_offset(a, r, n));
+FV_FN float row_value(const Tokens& a, const Dropout& drop, int64_t r, int64_t n) {
+  const float v = load_f<T>(a.ptr, token_offset(a, r, n));
   if (drop.seed == nullptr) return v;
-  const int64_t b = r / a.T;
-  return keep(drop, b, r - b * a.T, n) ? v * drop.scale : 0.f;
+  const int64_t b = r / a.L;
+  return keep(drop, b, r - b * a.L, n) ? v * drop.scale : 0.f;
 }
 
 enum class Epilogue : int {
@@ -98,7 +89,7 @@ enum class Epilogue : int {
 template <class T, bool B_FAST_K>
 struct Linear {
   static constexpr int kThreads = performer::kThreads;
-  Rows a;
+  Tokens a;
   Dropout a_drop;
   const void* w;
   int64_t swn, swk;
@@ -107,7 +98,7 @@ struct Linear {
   int N, K;
   Epilogue epi;
   void* out;  // (R, N) contiguous: T, or fp32 for store_f32
-  Rows v;     // residual
+  Tokens v;     // residual
   Dropout drop;
   Dim3 grid() const { return {cdiv(R, kBM), cdiv(N, kBN), 1}; }
   int smem_bytes() const { return gemm_smem_bytes<T>(); }
@@ -123,10 +114,10 @@ struct Linear {
       float z = Elem<T>::to_float(Elem<T>::from_float(bias != nullptr ? c + load_f<T>(bias, n) : c));
       if (epi == Epilogue::residual) {
         if (drop.seed != nullptr) {
-          const int64_t b = r / v.T;
-          z = keep(drop, b, r - b * v.T, n) ? Elem<T>::to_float(Elem<T>::from_float(z * drop.scale)) : 0.f;
+          const int64_t b = r / v.L;
+          z = keep(drop, b, r - b * v.L, n) ? Elem<T>::to_float(Elem<T>::from_float(z * drop.scale)) : 0.f;
         }
-        z += load_f<T>(v.ptr, row_offset(v, r, n));
+        z += load_f<T>(v.ptr, token_offset(v, r, n));
       }
       store_f<T>(out, r * N + n, z);
     };
@@ -139,9 +130,9 @@ struct Linear {
 template <class T>
 struct RowGram {
   static constexpr int kThreads = performer::kThreads;
-  Rows a;
+  Tokens a;
   Dropout a_drop;
-  Rows x;
+  Tokens x;
   float* part;  // (S, N1, N2)
   int64_t R, chunk;
   int N1, N2, S;
@@ -150,10 +141,11 @@ struct RowGram {
   template <class Cx>
   FV_FN void operator()(Cx& cx, unsigned bx, unsigned by, unsigned bz) const {
     const auto la = [&](int64_t i, int64_t r) { return row_value<T>(a, a_drop, r, i); };
-    const auto lb = [&](int64_t r, int64_t j) { return load_f<T>(x.ptr, row_offset(x, r, j)); };
+    const auto lb = [&](int64_t r, int64_t j) { return load_f<T>(x.ptr, token_offset(x, r, j)); };
     float* p = part + int64_t(bz) * N1 * N2;
     const auto st = [&](int64_t i, int64_t j, float c) { p[i * N2 + j] = c; };
-    const int64_t r0 = int64_t(bz) * chunk, r1 = r0 + chunk < R ? r0 + chunk : R;
+    int64_t r0, r1;
+    split_range(R, chunk, bz, r0, r1);
     gemm_tile<T, false, false>(cx, int64_t(bx) * kBM, int64_t(by) * kBN, N1, N2, r0, r1, la, lb, st);
   }
 };
@@ -163,7 +155,7 @@ struct RowGram {
 template <class T>
 struct RowSum {
   static constexpr int kThreads = performer::kThreads;
-  Rows a;
+  Tokens a;
   Dropout a_drop;
   float* part;
   int64_t R, chunk;
@@ -174,9 +166,10 @@ struct RowSum {
   FV_FN void operator()(Cx& cx, unsigned bx, unsigned by, unsigned) const {
     const int64_t n = int64_t(bx) * kThreads + cx.tid();
     if (n >= N) return;
-    const int64_t r1 = (int64_t(by) + 1) * chunk < R ? (int64_t(by) + 1) * chunk : R;
+    int64_t r0, r1;
+    split_range(R, chunk, by, r0, r1);
     double s = 0.0;
-    for (int64_t r = int64_t(by) * chunk; r < r1; ++r)
+    for (int64_t r = r0; r < r1; ++r)
       s += Elem<T>::to_float(Elem<T>::from_float(row_value<T>(a, a_drop, r, n)));
     part[int64_t(by) * N + n] = float(s);
   }
@@ -243,12 +236,6 @@ FV_FN void load_tokens(Cx& cx, float* dst, const void* kqv, int64_t row0, int va
     const int t = i / E, e = i - t * E;
     dst[i] = t < valid ? load_f<T>(kqv, (row0 + t) * 3 * E + c0 + e) : 0.f;
   }
-}
-
-// The token range [t0, t1) of split s of T tokens in chunks of `chunk`.
-FV_FN void split_range(int64_t T, int64_t chunk, unsigned s, int64_t& t0, int64_t& t1) {
-  t0 = int64_t(s) * chunk;
-  t1 = t0 + chunk < T ? t0 + chunk : T;
 }
 
 // Forward, k side: partial sum_t phi(k) (m) and phi(k)^T v (m, E) over one split of one image's tokens.
@@ -471,7 +458,7 @@ struct KBwd {
   static constexpr int kThreads = performer::kThreads;
   Feat f;
   const void* kqv;
-  Rows g;  // the output's gradient (B, T, E) through strides
+  Tokens g;  // the output's gradient (B, T, E) through strides
   const float* dkptv;  // (B, m, E)
   const float* dksum;  // (B, m)
   void* dkqv;
@@ -528,7 +515,7 @@ struct KBwd {
           }
           const int64_t row = row0 + t;
           store_f<T>(dkqv, row * 3 * E + e, dk - gs[t] * ks[i]);
-          store_f<T>(dkqv, row * 3 * E + 2 * E + e, load_f<T>(g.ptr, row_offset(g, row, e)) + dv);
+          store_f<T>(dkqv, row * 3 * E + 2 * E + e, load_f<T>(g.ptr, token_offset(g, row, e)) + dv);
         }
       for (int i = cx.tid(); i < m * E; i += kThreads) {
         const int j = i / E, e = i - j * E;

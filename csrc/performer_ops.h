@@ -65,11 +65,10 @@ Shape check(const char* op, Exec& ex, const Tensor& x, const Tensor& kqv_weight,
   return s;
 }
 
-inline P::Rows rows(const Tensor& t, int64_t T) { return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2), int(T)}; }
-// (B * T, N) contiguous rows as a Rows operand
-inline P::Rows flat_rows(const Tensor& t, int64_t T, int64_t N) {
-  return {t.data_ptr(), T * N, N, 1, int(T)};
-}
+using embed_ops::tokens;  // x, grad_out: (B, T, N) through their strides
+
+// A contiguous (B * T, N) buffer's token rows.
+inline P::Tokens flat_rows(const Tensor& t, int64_t T, int64_t N) { return {t.data_ptr(), T * N, N, 1, int(T), 0}; }
 
 inline P::Dropout dropout(const OptTensor& seed, double p, int64_t E) {
   if (p <= 0.0 || !seed.has_value()) return {nullptr, 0.f, 1.f, int(E)};
@@ -87,8 +86,8 @@ inline int token_splits(int64_t B, int64_t T, int sms) {
 
 // C = A W^T over token rows (W read as (n, k) through strides sn, sk).
 template <class T, class Exec>
-void linear(Exec& ex, const P::Rows& a, const P::Dropout& a_drop, const Tensor& w, int64_t sn, int64_t sk,
-            const void* bias, int64_t R, int64_t N, int64_t K, P::Epilogue epi, void* out, const P::Rows& v,
+void linear(Exec& ex, const P::Tokens& a, const P::Dropout& a_drop, const Tensor& w, int64_t sn, int64_t sk,
+            const void* bias, int64_t R, int64_t N, int64_t K, P::Epilogue epi, void* out, const P::Tokens& v,
             const P::Dropout& drop) {
   if (sk == 1)
     ex.run(P::Linear<T, true>{a, a_drop, w.data_ptr(), sn, sk, bias, R, int(N), int(K), epi, out, v, drop});
@@ -98,7 +97,7 @@ void linear(Exec& ex, const P::Rows& a, const P::Dropout& a_drop, const Tensor& 
 
 // sum over rows of A^T X (N1, N2) in fp32, from split partials summed in order.
 template <class T, class Exec>
-Tensor row_gram(Exec& ex, const P::Rows& a, const P::Dropout& a_drop, const P::Rows& x, int64_t R, int64_t N1,
+Tensor row_gram(Exec& ex, const P::Tokens& a, const P::Dropout& a_drop, const P::Tokens& x, int64_t R, int64_t N1,
                 int64_t N2, const at::TensorOptions& f32) {
   const int S = embed_ops::dw_splits(R, N1, N2, ex.num_sms());
   Tensor part = alloc(ex, {S, N1, N2}, f32);
@@ -107,7 +106,7 @@ Tensor row_gram(Exec& ex, const P::Rows& a, const P::Dropout& a_drop, const P::R
 }
 
 template <class T, class Exec>
-Tensor row_sum(Exec& ex, const P::Rows& a, const P::Dropout& a_drop, int64_t R, int64_t N,
+Tensor row_sum(Exec& ex, const P::Tokens& a, const P::Dropout& a_drop, int64_t R, int64_t N,
                const at::TensorOptions& f32) {
   const int S = embed_ops::col_splits(R, N, ex.num_sms());
   Tensor part = alloc(ex, {S, N}, f32);
@@ -139,16 +138,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward(Exec& ex, const Tensor& x, co
   const Tensor kb = embed_ops::param(kqv_bias, x.scalar_type()), pb = embed_ops::param(proj_bias, x.scalar_type());
   by_dtype(op, "x", x.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
-    linear<T>(ex, rows(x, s.T), no_dropout(), kqv_weight, kqv_weight.stride(0), kqv_weight.stride(1),
-              embed_ops::ptr_or_null(kb), R, 3 * s.E, s.dim, P::Epilogue::store, kqv.data_ptr(), P::Rows{}, no_dropout());
+    linear<T>(ex, tokens(x), no_dropout(), kqv_weight, kqv_weight.stride(0), kqv_weight.stride(1),
+              embed_ops::ptr_or_null(kb), R, 3 * s.E, s.dim, P::Epilogue::store, kqv.data_ptr(), P::Tokens{}, no_dropout());
     ex.run(P::KSide<T>{feat, kqv.data_ptr(), part_s.data_ptr<float>(), part_kv.data_ptr<float>(), int(s.B), int(s.T),
                        S, (s.T + S - 1) / S});
     ksum = part_s.sum(1);
     kptv = part_kv.sum(1);
     ex.run(P::QSide<T>{feat, kqv.data_ptr(), ksum.data_ptr<float>(), kptv.data_ptr<float>(), y.data_ptr(), int(s.B),
                        int(s.T), float(eps)});
-    const P::Rows v{static_cast<const char*>(kqv.data_ptr()) + 2 * s.E * kqv.element_size(), s.T * 3 * s.E, 3 * s.E, 1,
-                    int(s.T)};
+    const P::Tokens v{static_cast<const char*>(kqv.data_ptr()) + 2 * s.E * kqv.element_size(), s.T * 3 * s.E, 3 * s.E, 1,
+                      int(s.T), 0};
     linear<T>(ex, flat_rows(y, s.T, s.E), no_dropout(), proj_weight, proj_weight.stride(0), proj_weight.stride(1),
               embed_ops::ptr_or_null(pb), R, s.E, s.E, P::Epilogue::residual, out.data_ptr(), v,
               dropout(seed, dropout_p, s.E));
@@ -192,7 +191,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
   const Tensor wf = w.to(at::kFloat).contiguous();
   const P::Feat feat{wf.data_ptr<float>(), int(s.m), int(s.E), float(1.0 / std::sqrt(double(s.m)))};
   const P::Dropout drop = dropout(seed, dropout_p, s.E);
-  const P::Rows gr = rows(g, s.T);
+  const P::Tokens gr = tokens(g);
   by_dtype(op, "x", x.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     // the projection: y recomputed (rounded as the forward's), dP = dz^T y, dpb = sum dz, dy = dz P
@@ -204,7 +203,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
     if (!(need_dx || need_dkqv || need_dw)) return;
     Tensor dy = alloc(ex, {R, s.E}, f32);
     linear<T>(ex, gr, drop, proj_weight, proj_weight.stride(1), proj_weight.stride(0), nullptr, R, s.E, s.E,
-              P::Epilogue::store_f32, dy.data_ptr(), P::Rows{}, no_dropout());
+              P::Epilogue::store_f32, dy.data_ptr(), P::Tokens{}, no_dropout());
     // the features: dq (q side), then dk, dv (k side), and dw
     const bool need_dq = need_dx || need_dkqv;
     Tensor dkqv = need_dq ? alloc(ex, {s.B, s.T, 3 * s.E}, x.options()) : Tensor();
@@ -221,14 +220,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
                       chunk});
     if (need_dw) dw = pdw.sum({0, 1, 2}).to(w.scalar_type());
     // the kqv projection's gradients: dx = dkqv Wkqv, dWkqv = dkqv^T x, dbkqv = sum dkqv
-    const P::Rows dr = flat_rows(dkqv.defined() ? dkqv : y, s.T, 3 * s.E);
+    if (!need_dq) return;
+    const P::Tokens dr = flat_rows(dkqv, s.T, 3 * s.E);
     if (need_dx) {
       dx = alloc(ex, {s.B, s.T, s.dim}, x.options());
       linear<T>(ex, dr, no_dropout(), kqv_weight, kqv_weight.stride(1), kqv_weight.stride(0), nullptr, R, s.dim, 3 * s.E,
-                P::Epilogue::store, dx.data_ptr(), P::Rows{}, no_dropout());
+                P::Epilogue::store, dx.data_ptr(), P::Tokens{}, no_dropout());
     }
     if (need_dkqv) {
-      dW = row_gram<T>(ex, dr, no_dropout(), rows(x, s.T), R, 3 * s.E, s.dim, f32).to(kqv_weight.scalar_type());
+      dW = row_gram<T>(ex, dr, no_dropout(), tokens(x), R, 3 * s.E, s.dim, f32).to(kqv_weight.scalar_type());
       if (kqv_bias.has_value()) db = row_sum<T>(ex, dr, no_dropout(), R, 3 * s.E, f32).to(kqv_bias->scalar_type());
     }
   });

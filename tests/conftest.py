@@ -18,7 +18,9 @@ if not HAS_GPU:
 import pytest  # noqa: E402
 
 import fastvit  # noqa: E402
-from fastvit import _library  # noqa: E402
+from fastvit import _ext, _library  # noqa: E402
+
+REQUIRE_BUILD = os.environ.get("FASTVIT_REQUIRE_CUDA_BUILD") == "1"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -46,3 +48,29 @@ def _restore_backend():
     before = fastvit.get_backend()
     yield
     fastvit.use_backend(before)
+
+
+def _toolchain_missing() -> str | None:
+    try:
+        _ext.cuda_home()
+        _ext.cutlass_include()
+    except _ext.ExtensionError as e:
+        return str(e)
+    return None
+
+
+@pytest.fixture(scope="module")
+def ext():
+    """The loaded CUDA extension: built here if needed. Without a toolkit this skips, except in CI
+    (FASTVIT_REQUIRE_CUDA_BUILD=1), where a missing toolkit or a failed build fails the run."""
+    reason = _toolchain_missing()
+    if reason is not None and not REQUIRE_BUILD:
+        pytest.skip(f"no CUDA toolchain to build the extension with: {reason}")
+    return _ext.load()
+
+
+@pytest.fixture(scope="module")
+def emulator(ext):
+    """The CPU warp emulator of the CUDA kernels, loaded: the CUDA attention, embed and performer ops get CPU
+    kernels that run the kernel bodies (csrc/emulate.h)."""
+    return _ext.load_emulator()

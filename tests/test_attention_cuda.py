@@ -10,36 +10,24 @@ device, plus opcheck, torch.compile, determinism; compute-sanitizer runs in ``fa
 
 import contextlib
 import importlib
-import os
 
 import pytest
 import torch
 from numerics import check_against_reference, expanded_grad, noncontiguous, randn, run_without_interpreter
 from test_attention import mask_in, masks
-from test_mlp_cuda import _toolchain_missing
 
 import fastvit
-from fastvit import _ext, backend, ops, reference
+from fastvit import backend, ops, reference
 from fastvit._library import get_op
 from fastvit.backend import BackendUnavailableError
 
 CUDA = {"attention": "cuda"}
-REQUIRE_BUILD = os.environ.get("FASTVIT_REQUIRE_CUDA_BUILD") == "1"
 F16, BF16 = torch.float16, torch.bfloat16
 
 
 @pytest.fixture(scope="module")
-def ext():
-    reason = _toolchain_missing()
-    if reason is not None and not REQUIRE_BUILD:
-        pytest.skip(f"no CUDA toolchain to build the extension with: {reason}")
-    return _ext.load()
-
-
-@pytest.fixture(scope="module")
-def emu(ext):
+def emu(emulator):
     """The CUDA attention ops' CPU kernels: the kernel bodies under the warp emulator."""
-    _ext.load_emulator()
     from fastvit.csrc import attention as cuda
 
     return cuda

@@ -9,37 +9,25 @@ device, plus opcheck, torch.compile, determinism; compute-sanitizer runs in ``fa
 """
 
 import importlib
-import os
 
 import pytest
 import torch
 from numerics import check_against_reference, expanded_grad, noncontiguous, randn, run_without_interpreter
 from test_embed import PE_CASES, T2T_SPLITS, pe_inputs
-from test_mlp_cuda import _toolchain_missing
 
 import fastvit
-from fastvit import _ext, backend, nn, ops, reference
+from fastvit import backend, nn, ops, reference
 from fastvit._library import get_op
 from fastvit.backend import BackendUnavailableError
 
 CUDA = {"embed": "cuda"}
-REQUIRE_BUILD = os.environ.get("FASTVIT_REQUIRE_CUDA_BUILD") == "1"
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 FNS = ("patch_embed", "soft_split", "soft_split_layer_norm")
 
 
 @pytest.fixture(scope="module")
-def ext():
-    reason = _toolchain_missing()
-    if reason is not None and not REQUIRE_BUILD:
-        pytest.skip(f"no CUDA toolchain to build the extension with: {reason}")
-    return _ext.load()
-
-
-@pytest.fixture(scope="module")
-def emu(ext):
+def emu(emulator):
     """The CUDA embed ops' CPU kernels: the kernel bodies under the warp emulator."""
-    _ext.load_emulator()
     from fastvit.csrc import embed as cuda
 
     return cuda
@@ -285,7 +273,10 @@ def test_emulated_soft_split_layouts_odd_maps_and_expanded_grad(emu):
 
 def test_emulated_soft_split_layer_norm_autocast_output_dtypes_and_alignment(emu):
     """float32 x written as bfloat16 / float16 (autocast), rows 16-element aligned; LayerNorm parameters only
-    (T2T's first split: the image needs no gradient)."""
+    (T2T's first split: the image needs no gradient). The numerics harness runs its eager twin in one dtype,
+    so this compares with the float64 reference directly: the output to its rounding (a half ulp of the
+    output dtype, |y| < 8), the fp32 parameter gradients (sums over 128 tokens of the same upstream
+    gradient) to ~1e-5 of their size."""
     x = randn(2, 3, 32, 32, offset=3.0)
     w, b = randn(147, offset=1.0, scale=0.2).requires_grad_(), randn(147).requires_grad_()
     for dt in (BF16, F16):

@@ -9,36 +9,24 @@ on the device, opcheck, torch.compile of the T2T module, determinism; compute-sa
 """
 
 import importlib
-import os
 
 import pytest
 import torch
 from numerics import check_against_reference, expanded_grad, noncontiguous, run_without_interpreter
-from test_mlp_cuda import _toolchain_missing
 from test_performer import EMB, T2T_LAYERS, edge_inputs, masked_reference, t2t_inputs
 
 import fastvit
-from fastvit import _ext, backend, ops, reference
+from fastvit import backend, ops, reference
 from fastvit._library import get_op
 from fastvit.backend import BackendUnavailableError
 
 CUDA = {"performer": "cuda"}
-REQUIRE_BUILD = os.environ.get("FASTVIT_REQUIRE_CUDA_BUILD") == "1"
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 
 @pytest.fixture(scope="module")
-def ext():
-    reason = _toolchain_missing()
-    if reason is not None and not REQUIRE_BUILD:
-        pytest.skip(f"no CUDA toolchain to build the extension with: {reason}")
-    return _ext.load()
-
-
-@pytest.fixture(scope="module")
-def emu(ext):
+def emu(emulator):
     """The CUDA performer ops' CPU kernels: the kernel bodies under the warp emulator."""
-    _ext.load_emulator()
     from fastvit.csrc import performer as cuda
 
     return cuda
