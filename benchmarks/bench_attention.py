@@ -43,6 +43,16 @@ leave 2-3 CTAs of 4 warps per SM, so expect load latency rather than either floo
 ~0.15-0.25 ms, forward + backward ~0.5-0.8 ms at ViT-B/16 (below Triton's wgmma kernels and SDPA's
 flash backend), to be replaced by measurement.
 
+On sm_90 the CUDA forward is the TMA / wgmma kernel (csrc/attention_sm90.cu; the mma.sync forward stays
+as the ``fastvit[cuda] mma.sync fwd`` row): 128 x 128 tiles, one producer warp issuing TMA loads into a
+two-stage K / V ring, two consumer warpgroups of 64 query rows each, S and O on wgmma at the full Hopper
+rate. At ViT-B/16 that is 2 x 12 x 256 = 6144 CTAs, one per SM (168 registers x 384 threads), about 46
+waves of a CTA that loads 80 KB (Q once, two K / V tiles) and runs two serial QK^T -> softmax -> PV
+steps with no overlap of one tile's softmax with the next tile's MMAs (FlashAttention-3's intra-warpgroup
+pipelining is not there yet); expect the forward at 0.10-0.16 ms (40-65 % of the 0.065 ms floor), the
+prologue (barrier set-up, Q load) of each short CTA being the main cost at N = 197; forward + backward
+keeps the mma.sync backward.
+
 ``python -m benchmarks.bench_attention`` is ``python -m benchmarks --families attention``: without a GPU
 it says so and runs the family's CPU smoke checks.
 """
@@ -112,6 +122,29 @@ def _two_pass(fn: Callable) -> Callable:
     return run
 
 
+def _mma_sync_forward(fn: Callable) -> Callable:
+    """``fn`` with the CUDA backend's mma.sync forward forced (``FASTVIT_ATTENTION_SM90=0``), so that an
+    sm_90 GPU measures it next to the TMA / wgmma forward (csrc/attention_sm90.cu)."""
+    import os
+
+    def run(*args):
+        before = os.environ.get("FASTVIT_ATTENTION_SM90")
+        os.environ["FASTVIT_ATTENTION_SM90"] = "0"
+        try:
+            return fn(*args)
+        finally:
+            if before is None:
+                del os.environ["FASTVIT_ATTENTION_SM90"]
+            else:
+                os.environ["FASTVIT_ATTENTION_SM90"] = before
+
+    return run
+
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
 def _core_case(name: str, B: int, H: int, N: int, D: int, backward: bool) -> Case:
     from torch.nn.attention import SDPBackend
 
@@ -134,6 +167,8 @@ def _core_case(name: str, B: int, H: int, N: int, D: int, backward: bool) -> Cas
     variants = {}
     for b in fused_backends("attention"):
         variants[f"fastvit[{b}]"] = variant(fused, backends={FAMILY: b})
+    if "cuda" in fused_backends("attention") and _hopper():
+        variants["fastvit[cuda] mma.sync fwd"] = variant(lambda: _mma_sync_forward(fused()), backends={FAMILY: "cuda"})
     if backward and N <= 256 and "triton" in fused_backends("attention"):
         variants["fastvit[triton] two-pass bwd"] = variant(lambda: _two_pass(fused()), backends={FAMILY: "triton"})
     variants.update({

@@ -1,11 +1,20 @@
 // Attention family: CUDA kernels and launchers around the block bodies of attention_kernel.h, which
 // run here with one CUDA thread per body thread and mma.sync tensor-core instructions (sm_80 and
-// later; on sm_90 the same instructions run at a fraction of wgmma's rate).
+// later), and the dispatch to the Hopper forward of attention_sm90.cu.
 //
-// Kernel configuration, per (head dim, sequence length, dtype, arch): one entry per padded head dim,
-// 64 x 64 tiles and 4 warps everywhere. How it was chosen: the register budget of the backward at
-// D = 128 (fp32 dK, dV and dQ fragments, 64 values each, must fit 255 registers per thread) and a
-// 16-row warp slice per mma.sync; not tuned on a GPU yet (none was at hand), see the README.
+// Kernel table, per (head dim, sequence length, dtype, arch); fp16 and bf16 share every entry, and the
+// head dim is padded to DP = 64 or 128:
+//   forward, sm_90 (TMA-readable q, k, v)  128 x 128 tiles, 2-stage K / V ring, 1 producer warp + 2 consumer
+//                                          warpgroups (attention_sm90.cu)
+//   forward, otherwise                     64 x 64 tiles, 4 warps, next K / V tile prefetched into registers
+//   backward, every arch                   64 x 64 tiles, 4 warps; key blocks split over CTAs per plan_bwd
+// How they were chosen, none of them on a GPU yet (none was at hand, see the README): the mma.sync tiles
+// by the register budget of the backward at D = 128 (fp32 dK, dV and dQ fragments, 64 values each, in
+// 255 registers per thread) and a 16-row warp slice per mma.sync; the sm_90 forward by FlashAttention-3's
+// published tile sizes for head dims 64 and 128, cut to what fits without its intra-warpgroup overlap:
+// 128 keys per tile keep S (64 fp32 per thread) and O (up to 64) within the consumers' 240 registers, and
+// two stages of K and V (160 KiB with Q at DP = 128) within the 227 KiB of shared memory. The sequence
+// length does not enter yet: at N = 197 a 128-row tile computes 256 rows (77 % useful), the same as 64.
 #include "attention.cuh"
 #include "device_ctx.cuh"
 
@@ -69,6 +78,7 @@ cudaError_t backward_t(const BwdParams& p, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t forward(DType t, const FwdParams& p, cudaStream_t stream) {
+  if (sm90::serves(p)) return sm90::forward(t, p, stream);
   const int dp = padded_head_dim(p.D);
   if (t == DType::f16) return dp == 64 ? forward_t<__half, 64>(p, stream) : forward_t<__half, 128>(p, stream);
   return dp == 64 ? forward_t<__nv_bfloat16, 64>(p, stream) : forward_t<__nv_bfloat16, 128>(p, stream);

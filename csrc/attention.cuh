@@ -22,5 +22,12 @@ cudaError_t forward(DType t, const FwdParams& p, cudaStream_t stream);
 // reduction. p.splits, p.blocks_per_split and the workspaces come from plan_bwd.
 cudaError_t backward(DType t, const BwdParams& p, cudaStream_t stream);
 
+// The Hopper forward (attention_sm90.cu): TMA, wgmma, warp specialisation. serves(p) says whether it
+// takes p on the current device (see that file); forward() then runs it instead of the mma.sync one.
+namespace sm90 {
+bool serves(const FwdParams& p);
+cudaError_t forward(DType t, const FwdParams& p, cudaStream_t stream);
+}  // namespace sm90
+
 }  // namespace attention
 }  // namespace fastvit

@@ -4,6 +4,8 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "attention_ops.h"
 #include "cuda_exec.h"
 
@@ -37,6 +39,19 @@ struct CudaExec : fastvit::CudaExec {
   }
 };
 
+// Which forward kernel serves (q, k, v) on the current device: "sm90_tma_wgmma" or "sm80_mma_sync".
+std::string forward_kernel(const Tensor& q, const Tensor& k, const Tensor& v) {
+  CudaExec ex;
+  const O::Shape s = O::check_qkv("attention_cuda_forward_kernel", ex, q, k, v);
+  const auto guard = ex.guard(q);
+  A::FwdParams p{};
+  p.q = O::operand(q);
+  p.k = O::operand(k);
+  p.v = O::operand(v);
+  p.B = int(s.B), p.H = int(s.H), p.Nq = int(s.Nq), p.Nk = int(s.Nk), p.D = int(s.D);
+  return A::sm90::serves(p) ? "sm90_tma_wgmma" : "sm80_mma_sync";
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastvit, m) {
@@ -48,6 +63,10 @@ TORCH_LIBRARY_FRAGMENT(fastvit, m) {
   m.def("attention_qkvpacked_cuda_infer(Tensor qkv, SymInt num_heads, Tensor? mask, float scale) -> Tensor");
   m.def("attention_qkvpacked_cuda_bwd(Tensor do, Tensor qkv, Tensor o, Tensor lse, Tensor? mask, SymInt num_heads, "
         "float scale) -> Tensor");
+  m.def("attention_cuda_forward_kernel(Tensor q, Tensor k, Tensor v) -> str");
 }
 
-TORCH_LIBRARY_IMPL(fastvit, CUDA, m) { O::register_impls<CudaExec>(m); }
+TORCH_LIBRARY_IMPL(fastvit, CUDA, m) {
+  O::register_impls<CudaExec>(m);
+  m.impl("attention_cuda_forward_kernel", &forward_kernel);
+}

@@ -28,7 +28,7 @@ import torch
 
 DEFAULT_ARCHS = "8.0;9.0a"
 SOURCES = ("bindings.cpp", "mlp.cu", "mlp_gemm_f32.cu", "mlp_gemm_f16.cu", "mlp_gemm_bf16.cu",
-           "bindings_attention.cpp", "attention.cu", "bindings_embed.cpp", "embed.cu", "embed_split.cu",
+           "bindings_attention.cpp", "attention.cu", "attention_sm90.cu", "bindings_embed.cpp", "embed.cu", "embed_split.cu",
            "bindings_performer.cpp", "performer.cu")
 # host-only: the tests' CPU warp emulator (load_emulator)
 EMULATOR_SOURCES = ("attention_emulate.cpp", "embed_emulate.cpp", "performer_emulate.cpp")
@@ -146,6 +146,12 @@ def gencode_flags(archs: list[str]) -> list[str]:
     return flags
 
 
+def arch_defines(archs: list[str]) -> list[str]:
+    """Macros naming the arch-specific images in the build: FASTVIT_SM90A when "9.0a" is one (the Hopper
+    attention forward's launcher serves sm_90 devices only then)."""
+    return ["-DFASTVIT_SM90A"] if any(a.removesuffix("+PTX") == "9.0a" for a in archs) else []
+
+
 def _digest(archs: list[str], nvcc_version: str) -> str:
     h = hashlib.sha256()
     src = csrc_dir()
@@ -257,7 +263,7 @@ def build(verbose: bool = False) -> pathlib.Path:
                 name=name,
                 sources=[str(src / s) for s in SOURCES],
                 extra_cflags=_CXX_FLAGS,
-                extra_cuda_cflags=[*_NVCC_FLAGS, *gencode_flags(archs)],
+                extra_cuda_cflags=[*_NVCC_FLAGS, *gencode_flags(archs), *arch_defines(archs)],
                 extra_include_paths=[str(src), str(include)],
                 extra_ldflags=_link_flags(home, directory),
                 build_directory=str(directory),
