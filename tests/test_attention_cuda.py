@@ -10,6 +10,8 @@ device, plus opcheck, torch.compile, determinism; compute-sanitizer runs in ``fa
 
 import contextlib
 import importlib
+import pathlib
+import subprocess
 
 import pytest
 import torch
@@ -17,7 +19,7 @@ from numerics import check_against_reference, expanded_grad, noncontiguous, rand
 from test_attention import mask_in, masks
 
 import fastvit
-from fastvit import backend, ops, reference
+from fastvit import _ext, backend, ops, reference
 from fastvit._library import get_op
 from fastvit.backend import BackendUnavailableError
 
@@ -70,6 +72,26 @@ def test_forward_kernel_names_its_argument_without_cuda_tensors(ext):
     q = torch.randn(1, 1, 4, 8, dtype=F16)
     with pytest.raises(ValueError, match="forward_kernel: q must be a CUDA tensor"):
         cuda.forward_kernel(q, q, q)
+
+
+def test_sm90_forward_fragment_layouts_hold(ext, tmp_path):
+    """The Hopper forward's register-layout assumptions (which S / O register is in which row, the quad
+    reductions, P reused as the RS wgmma's A operand), checked on the host with CuTe's own layouts for
+    every instantiation and consumer thread: tests/cuda/attention_sm90_fragments.cu (the CPU emulator
+    cannot run TMA or wgmma)."""
+    home, _ = _ext.cuda_home()
+    src = pathlib.Path(__file__).parent / "cuda" / "attention_sm90_fragments.cu"
+    obj, exe = tmp_path / "fragments.o", tmp_path / "fragments"
+    flags = ["-O1", "-std=c++17", "--expt-relaxed-constexpr", "-gencode=arch=compute_90a,code=sm_90a"]
+    includes = [f"-I{_ext.csrc_dir()}", f"-I{_ext.cutlass_include()}"]
+    built = subprocess.run([str(home / "bin" / "nvcc"), "-c", *flags, *includes, str(src), "-o", str(obj)],
+                           capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-4000:]
+    linked = subprocess.run(["c++", str(obj), *_ext._link_flags(home, tmp_path), "-lcudart", "-o", str(exe)],
+                            capture_output=True, text=True)
+    assert linked.returncode == 0, linked.stderr[-4000:]
+    ran = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert ran.returncode == 0 and ran.stdout.strip() == "ok", ran.stdout + ran.stderr
 
 
 def test_cuda_ops_fake_tensors_and_make_fx(ext):

@@ -1,0 +1,281 @@
+// Attention family, Hopper (sm_90a) forward: the kernel body and its configuration (Fwd<T, DP>), in a
+// header so that tests/cuda/attention_sm90_fragments.cu can check its fragment-layout assumptions on the
+// host with CuTe. The kernel, its launcher and the dispatch are in attention_sm90.cu.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/cutlass.h>
+#include <cutlass/gemm/collective/builders/sm90_common.inl>
+#include <cutlass/numeric_types.h>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
+
+#include "attention_kernel.h"
+
+namespace fastvit {
+namespace attention {
+namespace sm90 {
+
+using namespace cute;
+
+// The accumulator of one wgmma (per thread: (2 columns, 2 row halves, N / 8 column groups), MMA_M,
+// MMA_N) as the A operand of the next one: ((2, 2, 2), MMA_M, N / 16), P's registers reused in place.
+template <class Layout0>
+CUTE_HOST_DEVICE auto acc_as_a_operand(Layout0 acc) {
+  auto l = logical_divide(get<0, 2>(acc), Tile<_2>{});  // ((2, N / 16))
+  return make_layout(make_layout(get<0, 0>(acc), get<0, 1>(acc), get<0, 0>(l)), get<1>(acc),
+                     coalesce(make_layout(get<0, 1>(l), get<2>(acc))));
+}
+
+// C += A B on a tiled wgmma: A and B are descriptor fragments (SS) or A is registers (RS); issues the
+// k-slices, commits them as one batch and waits for it.
+template <bool kZeroInit, class Mma, class TA, class TB, class TC>
+CUTLASS_DEVICE void gemm(Mma& mma, TA const& a, TB const& b, TC& c) {
+  constexpr bool kRs = !is_base_of<GMMA::DescriptorIterator, typename Mma::FrgTypeA>::value;
+  if constexpr (kRs) warpgroup_fence_operand(const_cast<TA&>(a));
+  warpgroup_fence_operand(c);
+  warpgroup_arrive();
+  if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTLASS_PRAGMA_UNROLL
+  for (int kb = 0; kb < size<2>(a); ++kb) {
+    cute::gemm(mma, a(_, _, kb), b(_, _, kb), c);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(c);
+  if constexpr (kRs) warpgroup_fence_operand(const_cast<TA&>(a));
+}
+
+// The kernel's configuration for a padded head dim DP: the kernel table's sm_90 rows (attention.cu).
+template <class T, int DP>
+struct Fwd {
+  using Element = std::conditional_t<std::is_same_v<T, __half>, cutlass::half_t, cutlass::bfloat16_t>;
+  static constexpr int kBlockM = 128;  // two consumer warpgroups of 64 rows
+  static constexpr int kBlockN = 128;
+  static constexpr int kStages = 2;
+  static constexpr int kConsumers = 256;
+  static constexpr int kThreads = 128 + kConsumers;
+
+  using TileS = Shape<Int<kBlockM>, Int<kBlockN>>;
+  using TileO = Shape<Int<kBlockM>, Int<DP>>;
+  using TileQ = Shape<Int<kBlockM>, Int<DP>>;
+  using TileK = Shape<Int<kBlockN>, Int<DP>>;
+  using TileVt = Shape<Int<DP>, Int<kBlockN>>;
+  using AtomLayout = Layout<Shape<_2, _1, _1>>;  // one 64-row wgmma per consumer warpgroup
+  using MmaQK = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kBlockM>, Int<kBlockN>, Int<DP>>>(), AtomLayout{}));
+  using MmaPV = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, Shape<Int<kBlockM>, Int<DP>, Int<kBlockN>>, GMMA::Major::K,
+                           GMMA::Major::MN>(),
+      AtomLayout{}));
+  static_assert(size(MmaQK{}) == kConsumers && size(MmaPV{}) == kConsumers);
+
+  using SmemLayoutQ = decltype(tile_to_shape(
+      cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element, Int<kBlockM>, Int<DP>>(), TileQ{}));
+  using SmemLayoutK = decltype(tile_to_shape(
+      cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element, Int<kBlockN>, Int<DP>>(),
+      Shape<Int<kBlockN>, Int<DP>, Int<kStages>>{}));
+  // V^T: (DP, keys) with DP the contiguous (MN-major) mode, which is V's row-major (keys, DP) tile
+  using SmemLayoutVt = decltype(tile_to_shape(
+      cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::MN, Element, Int<DP>, Int<kBlockN>>(),
+      Shape<Int<DP>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{}));
+
+  // global tensors as TMA sees them: (N, D, H, B) for Q and K, (D, N, H, B) for V^T
+  using GShape = Shape<int32_t, int32_t, int32_t, int32_t>;
+  using GStrideQK = Stride<int64_t, _1, int64_t, int64_t>;
+  using GStrideVt = Stride<_1, int64_t, int64_t, int64_t>;
+  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{},
+                                      make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), GShape{},
+                                                  GStrideQK{}),
+                                      SmemLayoutQ{}, TileQ{}, _1{}));
+  using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{},
+                                      make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), GShape{},
+                                                  GStrideQK{}),
+                                      take<0, 2>(SmemLayoutK{}), TileK{}, _1{}));
+  using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{},
+                                      make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), GShape{},
+                                                  GStrideVt{}),
+                                      take<0, 2>(SmemLayoutVt{}), TileVt{}, _1{}));
+  static constexpr uint32_t kBytesQ = kBlockM * DP * sizeof(Element);
+  static constexpr uint32_t kBytesKV = kBlockN * DP * sizeof(Element);
+
+  using Pipeline = cutlass::PipelineTmaAsync<kStages>;
+  using PipelineState = cutlass::PipelineState<kStages>;
+
+  struct SharedStorage {
+    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> q;
+    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>, 1024> k;
+    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutVt>, 1024> v;
+    typename Pipeline::SharedStorage pipe_k, pipe_v;
+    cutlass::arch::ClusterTransactionBarrier bar_q;
+  };
+  static constexpr int kSmemBytes = int(sizeof(SharedStorage)) + 1024;  // + the base's alignment to 1024
+
+  struct Params {
+    TmaQ tma_q;
+    TmaK tma_k;
+    TmaV tma_v;
+    FwdParams p;
+  };
+
+  static CUTLASS_DEVICE void run(const Params& params, unsigned char* smem_raw) {
+    const FwdParams& p = params.p;
+    // the 128-byte swizzle is a function of the address bits: buffers start at 1024-byte multiples
+    const uint32_t base = cast_smem_ptr_to_uint(smem_raw);
+    SharedStorage& ss = *reinterpret_cast<SharedStorage*>(smem_raw + ((1024 - base % 1024) % 1024));
+    const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int warpgroup = cutlass::canonical_warp_group_idx();
+    const int n_blocks = (p.Nk + kBlockN - 1) / kBlockN;
+
+    Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), SmemLayoutQ{});
+    Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), SmemLayoutK{});
+    Tensor sVt = make_tensor(make_smem_ptr(ss.v.data()), SmemLayoutVt{});
+
+    if (threadIdx.x == 0) {
+      cute::prefetch_tma_descriptor(params.tma_q.get_tma_descriptor());
+      cute::prefetch_tma_descriptor(params.tma_k.get_tma_descriptor());
+      cute::prefetch_tma_descriptor(params.tma_v.get_tma_descriptor());
+      ss.bar_q.init(1);
+    }
+    typename Pipeline::Params pp;
+    pp.role = warpgroup == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+    pp.is_leader = threadIdx.x == 0;
+    pp.num_consumers = kConsumers;
+    pp.transaction_bytes = kBytesKV;
+    Pipeline pipe_k(ss.pipe_k, pp, Shape<_1, _1, _1>{});  // initialises the barriers, fence included
+    Pipeline pipe_v(ss.pipe_v, pp, Shape<_1, _1, _1>{});
+    __syncthreads();
+
+    if (warpgroup == 0) {
+      cutlass::arch::warpgroup_reg_dealloc<24>();
+      if (threadIdx.x != 0) return;  // the pipelines' leader thread issues every load
+      Tensor mQ = params.tma_q.get_tma_tensor(make_shape(p.Nq, p.D, p.H, p.B))(_, _, h, b);
+      Tensor mK = params.tma_k.get_tma_tensor(make_shape(p.Nk, p.D, p.H, p.B))(_, _, h, b);
+      Tensor mVt = params.tma_v.get_tma_tensor(make_shape(p.D, p.Nk, p.H, p.B))(_, _, h, b);
+      Tensor gQ = local_tile(mQ, TileQ{}, make_coord(m_block, _0{}));    // (M, DP)
+      Tensor gK = local_tile(mK, TileK{}, make_coord(_, _0{}));          // (N, DP, n_blocks)
+      Tensor gVt = local_tile(mVt, TileVt{}, make_coord(_0{}, _));       // (DP, N, n_blocks)
+      auto cq = params.tma_q.get_slice(_0{});
+      auto ck = params.tma_k.get_slice(_0{});
+      auto cv = params.tma_v.get_slice(_0{});
+      Tensor tQg = group_modes<0, 3>(cq.partition_S(gQ));
+      Tensor tQs = group_modes<0, 3>(cq.partition_D(sQ));
+      Tensor tKg = group_modes<0, 3>(ck.partition_S(gK));  // (TMA, n_blocks)
+      Tensor tKs = group_modes<0, 3>(ck.partition_D(sK));  // (TMA, stages)
+      Tensor tVg = group_modes<0, 3>(cv.partition_S(gVt));
+      Tensor tVs = group_modes<0, 3>(cv.partition_D(sVt));
+
+      ss.bar_q.arrive_and_expect_tx(kBytesQ);
+      copy(params.tma_q.with(reinterpret_cast<uint64_t&>(ss.bar_q), 0), tQg, tQs);
+      PipelineState write = cutlass::make_producer_start_state<Pipeline>();
+      for (int n = 0; n < n_blocks; ++n) {
+        pipe_k.producer_acquire(write);
+        copy(params.tma_k.with(*pipe_k.producer_get_barrier(write), 0), tKg(_, n), tKs(_, write.index()));
+        pipe_v.producer_acquire(write);
+        copy(params.tma_v.with(*pipe_v.producer_get_barrier(write), 0), tVg(_, n), tVs(_, write.index()));
+        ++write;
+      }
+      pipe_k.producer_tail(write);  // the CTA outlives its last loads
+      pipe_v.producer_tail(write);
+      return;
+    }
+
+    cutlass::arch::warpgroup_reg_alloc<240>();
+    const int tidx = threadIdx.x - 128, lane = threadIdx.x % 32;
+    MmaQK mma_qk;
+    MmaPV mma_pv;
+    auto thr_qk = mma_qk.get_thread_slice(tidx);
+    auto thr_pv = mma_pv.get_thread_slice(tidx);
+    Tensor tSrQ = thr_qk.partition_fragment_A(sQ);
+    Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stages)
+    Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stages)
+    Tensor tSrS = partition_fragment_C(mma_qk, TileS{});
+    Tensor tOrO = partition_fragment_C(mma_pv, TileO{});
+    Tensor tScS = thr_qk.partition_C(make_identity_tensor(TileS{}));  // (row, col) of each S register
+    Tensor tOcO = thr_pv.partition_C(make_identity_tensor(TileO{}));
+    static_assert(size<1>(decltype(tSrS){}) == 1 && size<2>(decltype(tSrS){}) == 1);
+    static_assert(size<1>(decltype(tOrO){}) == 1 && size<2>(decltype(tOrO){}) == 1);
+    // register i of S or O lies in row half (i / 2) % 2 of the thread's two rows (get<0, 1> of the layout)
+    static_assert(stride<0, 1>(decltype(tSrS.layout()){}) == 2 && stride<0, 1>(decltype(tOrO.layout()){}) == 2);
+    clear(tOrO);
+
+    const int m0 = m_block * kBlockM;
+    const int rows[2] = {m0 + int(get<0>(tScS(0))), m0 + int(get<0>(tScS(2)))};
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+
+    ss.bar_q.wait(0);
+    PipelineState read;
+    for (int n = 0; n < n_blocks; ++n) {
+      const int n0 = n * kBlockN;
+      pipe_k.consumer_wait(read);
+      gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, read.index()), tSrS);
+      pipe_k.consumer_release(read);
+
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(tSrS); ++i) {
+        const int row = rows[(i / 2) % 2], col = n0 + int(get<1>(tScS(i)));
+        float x = tSrS(i) * p.scale_log2;
+        if (col >= p.Nk)
+          x = -INFINITY;
+        else if (p.mask.kind != MaskKind::none && row < p.Nq)
+          x += mask_term(p.mask, b, h, row, col);
+        tSrS(i) = x;
+      }
+      float alpha[2];
+      CUTLASS_PRAGMA_UNROLL
+      for (int r = 0; r < 2; ++r) {
+        float mx = -INFINITY;
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < size(tSrS); ++i)
+          if ((i / 2) % 2 == r) mx = fmaxf(mx, tSrS(i));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+        const float m_new = fmaxf(row_max[r], mx);
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row masked so far stays 0, not NaN
+        alpha[r] = exp2f(row_max[r] - m_use);
+        row_max[r] = m_new;
+        row_sum[r] *= alpha[r];
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < size(tSrS); ++i)
+          if ((i / 2) % 2 == r) {
+            const float e = exp2f(tSrS(i) - m_use);
+            tSrS(i) = e;
+            row_sum[r] += e;
+          }
+      }
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(tOrO); ++i) tOrO(i) *= alpha[(i / 2) % 2];
+
+      Tensor rP = make_tensor_like<Element>(tSrS);
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(tSrS); ++i) rP(i) = Element(tSrS(i));
+      Tensor tOrP = make_tensor(rP.data(), acc_as_a_operand(tSrS.layout()));
+      pipe_v.consumer_wait(read);
+      gemm<false>(mma_pv, tOrP, tOrV(_, _, _, read.index()), tOrO);
+      pipe_v.consumer_release(read);
+      ++read;
+    }
+
+    float inv[2];
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < 2; ++r) {
+      float l = row_sum[r];
+      l += __shfl_xor_sync(0xffffffff, l, 1);
+      l += __shfl_xor_sync(0xffffffff, l, 2);
+      inv[r] = l > 0.f ? 1.f / l : 0.f;  // nothing to attend: output 0
+      if (p.lse != nullptr && lane % 4 == 0 && rows[r] < p.Nq)
+        p.lse[(int64_t(b) * p.H + h) * p.Nq + rows[r]] = l > 0.f ? row_max[r] + log2f(l) : -INFINITY;
+    }
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(tOrO); ++i) {
+      const int row = m0 + int(get<0>(tOcO(i))), col = int(get<1>(tOcO(i)));
+      if (row < p.Nq && col < p.D) store(p.o, b, h, row, col, Elem<T>::from_float(tOrO(i) * inv[(i / 2) % 2]));
+    }
+  }
+};
+
+}  // namespace sm90
+}  // namespace attention
+}  // namespace fastvit
