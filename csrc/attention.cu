@@ -15,6 +15,8 @@
 // 128 keys per tile keep S (64 fp32 per thread) and O (up to 64) within the consumers' 240 registers, and
 // two stages of K and V (160 KiB with Q at DP = 128) within the 227 KiB of shared memory. The sequence
 // length does not enter yet: at N = 197 a 128-row tile computes 256 rows (77 % useful), the same as 64.
+#include <type_traits>
+
 #include "attention.cuh"
 #include "device_ctx.cuh"
 
@@ -65,11 +67,15 @@ cudaError_t backward_t(const BwdParams& p, cudaStream_t stream) {
   delta_kernel<T><<<blocks(int64_t(p.B) * p.H * p.Nq, kWarps), kThreads, 0, stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const int bytes = bwd_smem_bytes<DP>(p.dq_smem_rows);
-  err = allow_smem<bwd_kernel<T, DP>>(bytes);
-  if (err != cudaSuccess) return err;
-  bwd_kernel<T, DP><<<dim3(p.splits, p.H, p.B), kThreads, bytes, stream>>>(p);
-  err = cudaGetLastError();
+  if (p.sm90) {
+    err = sm90::backward(std::is_same_v<T, __half> ? DType::f16 : DType::bf16, p, stream);
+  } else {
+    const int bytes = bwd_smem_bytes<DP>(p.dq_smem_rows);
+    err = allow_smem<bwd_kernel<T, DP>>(bytes);
+    if (err != cudaSuccess) return err;
+    bwd_kernel<T, DP><<<dim3(p.splits, p.H, p.B), kThreads, bytes, stream>>>(p);
+    err = cudaGetLastError();
+  }
   if (err != cudaSuccess || p.splits == 1) return err;
   dq_reduce_kernel<T><<<blocks(int64_t(p.B) * p.H * p.Nq * p.D, kThreads), kThreads, 0, stream>>>(p);
   return cudaGetLastError();

@@ -24,9 +24,13 @@ cudaError_t backward(DType t, const BwdParams& p, cudaStream_t stream);
 
 // The Hopper forward (attention_sm90.cu): TMA, wgmma, warp specialisation. serves(p) says whether it
 // takes p on the current device (see that file); forward() then runs it instead of the mma.sync one.
+// serves_backward(p) likewise for the backward, whose plan_bwd then takes sm90 = true; backward()
+// launches its key-block kernel (the delta and split-reduction kernels are attention.cu's).
 namespace sm90 {
 bool serves(const FwdParams& p);
 cudaError_t forward(DType t, const FwdParams& p, cudaStream_t stream);
+bool serves_backward(const BwdParams& p);
+cudaError_t backward(DType t, const BwdParams& p, cudaStream_t stream);
 }  // namespace sm90
 
 }  // namespace attention

@@ -6,8 +6,8 @@ log-sum-exp (B, H, Nq) fp32, -inf for a row with nothing to attend; the packed o
 place from the (B, N, 3 * H * D) projection and write o (B, N, H * D) and dqkv packed. This module gives
 them fake implementations and autograd, and is imported by ``fastvit._ext.load()``.
 
-The kernels (csrc/attention.cu, bodies in csrc/attention_kernel.h; on sm_90 the forward of
-csrc/attention_sm90.cu, see :func:`forward_kernel`) take float16 and bfloat16, head dims 1 to 128, any
+The kernels (csrc/attention.cu, bodies in csrc/attention_kernel.h; on sm_90 those of
+csrc/attention_sm90.cu, see :func:`kernel`) take float16 and bfloat16, head dims 1 to 128, any
 sequence length, masks through their broadcast strides. Dropout is not fused: with
 ``dropout_p > 0`` the entries below run the eager reference (torch's RNG), as the Triton backend does.
 """
@@ -105,13 +105,14 @@ def attention_qkvpacked(qkv, num_heads, mask=None, scale=None, dropout_p=0.0):
     return _qkvpacked(qkv, num_heads, mask, _scale(scale, D))
 
 
-def forward_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
-    """The forward kernel that serves (q, k, v) (B, H, N, D) CUDA tensors on their device:
-    ``"sm90_tma_wgmma"`` (Hopper: TMA, wgmma, warp specialisation; needs an sm_90 GPU, an sm_90a image
-    in the build, and q, k, v with unit feature stride, 16-byte aligned starts and 16-byte multiple
-    strides) or ``"sm80_mma_sync"``. ``FASTVIT_ATTENTION_SM90=0`` in the environment picks the latter
-    everywhere, read at every call. The backward runs on the mma.sync kernels."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not t.is_cuda:
-            raise ValueError(f"forward_kernel: {name} must be a CUDA tensor, got one on {t.device}")
-    return torch.ops.fastvit.attention_cuda_forward_kernel(q, k, v)
+
+def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor | None = None) -> str:
+    """The kernel that serves (q, k, v) (B, H, N, D) CUDA tensors on their device, the forward's, or with
+    ``dout`` (q's shape) the backward's: ``"sm90_tma_wgmma"`` (csrc/attention_sm90.cu: TMA, wgmma, warp
+    specialisation; needs an sm_90 GPU, an sm_90a image in the build, and q, k, v (and dout) with unit
+    feature stride, 16-byte aligned starts and 16-byte multiple strides) or ``"sm80_mma_sync"``.
+    ``FASTVIT_ATTENTION_SM90=0`` in the environment picks the latter everywhere; it is read at every call."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("dout", dout)):
+        if t is not None and not t.is_cuda:
+            raise ValueError(f"kernel: {name} must be a CUDA tensor, got one on {t.device}")
+    return torch.ops.fastvit.attention_cuda_kernel(q, k, v, dout)

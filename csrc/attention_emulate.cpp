@@ -21,6 +21,7 @@ int g_num_sms = 132;
 struct EmuExec : fastvit::EmuExec {
   int num_sms() const { return g_num_sms; }
   int smem_per_sm() const { return 228 * 1024; }  // H100 / H200
+  bool sm90_backward(const A::BwdParams&) const { return false; }  // TMA and wgmma do not emulate
 
   template <class T, int DP>
   void forward_t(const A::FwdParams& p) {

@@ -81,6 +81,7 @@ struct BwdParams {
   int splits;         // CTAs per (b, h): each owns a contiguous run of key blocks
   int blocks_per_split;
   int dq_smem_rows;   // > 0: dQ accumulates in shared memory (fp32, Nq rows), not in dq_acc
+  bool sm90;          // the Hopper backward (attention_sm90.cu, 128-key blocks) runs, not bwd_block
 };
 
 // The head dims the kernels take: 1 .. kMaxHeadDim, padded inside to 64 or 128.
@@ -112,8 +113,11 @@ struct BwdPlan {
   int dq_smem_rows;      // > 0: dQ accumulates in shared memory
 };
 
-inline BwdPlan plan_bwd(int B, int H, int Nq, int Nk, int D, int num_sms, int smem_per_sm) {
-  const int nkb = (Nk + kBlockN - 1) / kBlockN;
+// sm90: the plan of the Hopper backward, whose key blocks are 128 keys and whose dQ accumulates in the
+// workspace (its shared memory holds K, V, two Q / dO stages and dS).
+inline BwdPlan plan_bwd(int B, int H, int Nq, int Nk, int D, int num_sms, int smem_per_sm, bool sm90 = false) {
+  const int block_n = sm90 ? 2 * kBlockN : kBlockN;
+  const int nkb = (Nk + block_n - 1) / block_n;
   const int64_t bh = int64_t(B) * H;
   int splits = 1;
   const int64_t want = 2 * int64_t(num_sms);  // two CTAs per SM of work at least
@@ -127,7 +131,7 @@ inline BwdPlan plan_bwd(int B, int H, int Nq, int Nk, int D, int num_sms, int sm
   const int per = (nkb + splits - 1) / splits;
   splits = (nkb + per - 1) / per;  // no empty split
   BwdPlan plan{splits, per, 0, 0};
-  if (splits == 1 && nkb > 1 && 2 * (bwd_smem_bytes_for(D, Nq) + 1024) <= smem_per_sm)
+  if (!sm90 && splits == 1 && nkb > 1 && 2 * (bwd_smem_bytes_for(D, Nq) + 1024) <= smem_per_sm)
     plan.dq_smem_rows = Nq;
   else if (splits > 1 || nkb > 1)
     plan.dq_acc_elems = int64_t(splits) * per_split;

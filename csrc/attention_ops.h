@@ -5,7 +5,8 @@
 // Exec provides: guard(tensor), whose result keeps the tensor's device current for the call;
 // num_sms(), smem_per_sm(); check(op, arg, tensor, like) for device placement; fresh(tensor), called on
 // every output and workspace right after allocation (the emulator fills them with NaN, so an element a
-// kernel misses shows); forward(DType, FwdParams) and backward(DType, BwdParams), which raise on failure.
+// kernel misses shows); forward(DType, FwdParams) and backward(DType, BwdParams), which raise on failure;
+// sm90_backward(BwdParams), whether the Hopper backward serves (its plan differs).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -174,17 +175,18 @@ void backward(const char* op, Exec& ex, const Tensor& dout, const Tensor& q, con
     zero(dv, s.Nk);
     return;
   }
-  const A::BwdPlan plan =
-      A::plan_bwd(int(s.B), int(s.H), int(s.Nq), int(s.Nk), int(s.D), ex.num_sms(), ex.smem_per_sm());
   Tensor keep;
-  Tensor delta = alloc(ex, {s.B, s.H, s.Nq}, q.options().dtype(at::kFloat));
-  Tensor acc = plan.dq_acc_elems ? alloc(ex, {plan.dq_acc_elems}, q.options().dtype(at::kFloat)) : Tensor();
   A::BwdParams p{};
   p.q = operand(q);
   p.k = operand(k);
   p.v = operand(v);
   p.o = operand(o);
   p.dout = operand(dout);
+  p.B = int(s.B), p.H = int(s.H), p.Nq = int(s.Nq), p.Nk = int(s.Nk), p.D = int(s.D);
+  p.sm90 = ex.sm90_backward(p);
+  const A::BwdPlan plan = A::plan_bwd(p.B, p.H, p.Nq, p.Nk, p.D, ex.num_sms(), ex.smem_per_sm(), p.sm90);
+  Tensor delta = alloc(ex, {s.B, s.H, s.Nq}, q.options().dtype(at::kFloat));
+  Tensor acc = plan.dq_acc_elems ? alloc(ex, {plan.dq_acc_elems}, q.options().dtype(at::kFloat)) : Tensor();
   p.lse = lse.data_ptr<float>();
   p.delta = delta.data_ptr<float>();
   p.dq_acc = acc.defined() ? acc.data_ptr<float>() : nullptr;
@@ -192,7 +194,6 @@ void backward(const char* op, Exec& ex, const Tensor& dout, const Tensor& q, con
   p.dk = dk;
   p.dv = dv;
   p.mask = mask_of(op, ex, mask, s, q, keep);
-  p.B = int(s.B), p.H = int(s.H), p.Nq = int(s.Nq), p.Nk = int(s.Nk), p.D = int(s.D);
   p.scale = float(scale);
   p.scale_log2 = log2_scale(scale);
   p.splits = plan.splits;

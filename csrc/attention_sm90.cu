@@ -34,8 +34,9 @@ namespace attention {
 namespace sm90 {
 namespace {
 
+// Fwd or Bwd's body as a kernel; empty in images without sm_90a features (never launched there).
 template <class K>
-__global__ void __launch_bounds__(K::kThreads, 1) fwd_kernel(const __grid_constant__ typename K::Params params) {
+__global__ void __launch_bounds__(K::kThreads, 1) kernel(const __grid_constant__ typename K::Params params) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(16) unsigned char smem[];
   K::run(params, smem);
@@ -80,10 +81,38 @@ cudaError_t forward_t(const FwdParams& p, cudaStream_t stream) {
       make_tma_copy(SM90_TMA_LOAD{}, mq, typename K::SmemLayoutQ{}, typename K::TileQ{}, _1{}),
       make_tma_copy(SM90_TMA_LOAD{}, mk, take<0, 2>(typename K::SmemLayoutK{}), typename K::TileK{}, _1{}),
       make_tma_copy(SM90_TMA_LOAD{}, mvt, take<0, 2>(typename K::SmemLayoutVt{}), typename K::TileVt{}, _1{}), p};
-  cudaError_t err = allow_smem<fwd_kernel<K>>(K::kSmemBytes);
+  cudaError_t err = allow_smem<kernel<K>>(K::kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid(unsigned((p.Nq + K::kBlockM - 1) / K::kBlockM), unsigned(p.H), unsigned(p.B));
-  fwd_kernel<K><<<grid, K::kThreads, K::kSmemBytes, stream>>>(params);
+  kernel<K><<<grid, K::kThreads, K::kSmemBytes, stream>>>(params);
+  return cudaGetLastError();
+}
+
+// A (N, D, H, B) operand as the global tensor its TMA descriptor describes.
+template <class E>
+auto tma_tensor(const Operand& g, int N, int H, int B, int D) {
+  const auto st = tma_strides(g, N, H, B, D);
+  return make_tensor(make_gmem_ptr(static_cast<E const*>(g.ptr)), make_shape(N, D, H, B),
+                     make_stride(st[0], _1{}, st[1], st[2]));
+}
+
+template <class T, int DP>
+cudaError_t backward_t(const BwdParams& p, cudaStream_t stream) {
+  using K = Bwd<T, DP>;
+  using E = typename K::Element;
+  const auto mq = tma_tensor<E>(p.q, p.Nq, p.H, p.B, p.D);
+  const auto mdo = tma_tensor<E>(p.dout, p.Nq, p.H, p.B, p.D);
+  const auto mk = tma_tensor<E>(p.k, p.Nk, p.H, p.B, p.D);
+  const auto mv = tma_tensor<E>(p.v, p.Nk, p.H, p.B, p.D);
+  const auto q_tile = take<0, 2>(typename K::SmemLayoutQ{});
+  typename K::Params params{make_tma_copy(SM90_TMA_LOAD{}, mq, q_tile, typename K::TileQ{}, _1{}),
+                            make_tma_copy(SM90_TMA_LOAD{}, mdo, q_tile, typename K::TileQ{}, _1{}),
+                            make_tma_copy(SM90_TMA_LOAD{}, mk, typename K::SmemLayoutK{}, typename K::TileKV{}, _1{}),
+                            make_tma_copy(SM90_TMA_LOAD{}, mv, typename K::SmemLayoutV{}, typename K::TileKV{}, _1{}),
+                            p};
+  cudaError_t err = allow_smem<kernel<K>>(K::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  kernel<K><<<dim3(unsigned(p.splits), unsigned(p.H), unsigned(p.B)), K::kThreads, K::kSmemBytes, stream>>>(params);
   return cudaGetLastError();
 }
 
@@ -123,6 +152,22 @@ cudaError_t forward(DType t, const FwdParams& p, cudaStream_t stream) {
   const int dp = padded_head_dim(p.D);
   if (t == DType::f16) return dp == 64 ? forward_t<__half, 64>(p, stream) : forward_t<__half, 128>(p, stream);
   return dp == 64 ? forward_t<__nv_bfloat16, 64>(p, stream) : forward_t<__nv_bfloat16, 128>(p, stream);
+}
+
+bool serves_backward(const BwdParams& p) {
+#if defined(FASTVIT_SM90A)
+  return enabled() && device_is_sm90() && tma_ok(p.q, p.Nq, p.H, p.B) && tma_ok(p.dout, p.Nq, p.H, p.B) &&
+         tma_ok(p.k, p.Nk, p.H, p.B) && tma_ok(p.v, p.Nk, p.H, p.B);
+#else
+  (void)p;
+  return false;
+#endif
+}
+
+cudaError_t backward(DType t, const BwdParams& p, cudaStream_t stream) {
+  const int dp = padded_head_dim(p.D);
+  if (t == DType::f16) return dp == 64 ? backward_t<__half, 64>(p, stream) : backward_t<__half, 128>(p, stream);
+  return dp == 64 ? backward_t<__nv_bfloat16, 64>(p, stream) : backward_t<__nv_bfloat16, 128>(p, stream);
 }
 
 }  // namespace sm90

@@ -57,6 +57,8 @@ struct Fwd {
   static constexpr int kStages = 2;
   static constexpr int kConsumers = 256;
   static constexpr int kThreads = 128 + kConsumers;
+  // setmaxnreg: the producer's TMA loop spills below 40 registers; the consumers need ~170 (S and O in fp32)
+  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 40 x 128 + 232 x 256 <= 65536
 
   using TileS = Shape<Int<kBlockM>, Int<kBlockN>>;
   using TileO = Shape<Int<kBlockM>, Int<DP>>;
@@ -149,7 +151,7 @@ struct Fwd {
     __syncthreads();
 
     if (warpgroup == 0) {
-      cutlass::arch::warpgroup_reg_dealloc<24>();
+      cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
       if (threadIdx.x != 0) return;  // the pipelines' leader thread issues every load
       Tensor mQ = params.tma_q.get_tma_tensor(make_shape(p.Nq, p.D, p.H, p.B))(_, _, h, b);
       Tensor mK = params.tma_k.get_tma_tensor(make_shape(p.Nk, p.D, p.H, p.B))(_, _, h, b);
@@ -182,7 +184,7 @@ struct Fwd {
       return;
     }
 
-    cutlass::arch::warpgroup_reg_alloc<240>();
+    cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
     const int tidx = threadIdx.x - 128, lane = threadIdx.x % 32;
     MmaQK mma_qk;
     MmaPV mma_pv;
@@ -191,14 +193,10 @@ struct Fwd {
     Tensor tSrQ = thr_qk.partition_fragment_A(sQ);
     Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stages)
     Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stages)
-    Tensor tSrS = partition_fragment_C(mma_qk, TileS{});
     Tensor tOrO = partition_fragment_C(mma_pv, TileO{});
     Tensor tScS = thr_qk.partition_C(make_identity_tensor(TileS{}));  // (row, col) of each S register
     Tensor tOcO = thr_pv.partition_C(make_identity_tensor(TileO{}));
-    static_assert(size<1>(decltype(tSrS){}) == 1 && size<2>(decltype(tSrS){}) == 1);
     static_assert(size<1>(decltype(tOrO){}) == 1 && size<2>(decltype(tOrO){}) == 1);
-    // register i of S or O lies in row half (i / 2) % 2 of the thread's two rows (get<0, 1> of the layout)
-    static_assert(stride<0, 1>(decltype(tSrS.layout()){}) == 2 && stride<0, 1>(decltype(tOrO.layout()){}) == 2);
     clear(tOrO);
 
     const int m0 = m_block * kBlockM;
@@ -210,6 +208,7 @@ struct Fwd {
     for (int n = 0; n < n_blocks; ++n) {
       const int n0 = n * kBlockN;
       pipe_k.consumer_wait(read);
+      Tensor tSrS = partition_fragment_C(mma_qk, TileS{});  // fresh in each step: live only while needed
       gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, read.index()), tSrS);
       pipe_k.consumer_release(read);
 
@@ -272,6 +271,270 @@ struct Fwd {
     for (int i = 0; i < size(tOrO); ++i) {
       const int row = m0 + int(get<0>(tOcO(i))), col = int(get<1>(tOcO(i)));
       if (row < p.Nq && col < p.D) store(p.o, b, h, row, col, Elem<T>::from_float(tOrO(i) * inv[(i / 2) % 2]));
+    }
+  }
+};
+
+
+// The backward for a padded head dim DP: one CTA per (split, h, b) walks its key blocks of 128 keys (64 per
+// consumer warpgroup), as the mma.sync backward's plan does (plan_bwd with sm90 = true), and for each key
+// block all query blocks of 64 queries, five wgmma products per step, FlashAttention-2's work:
+//   S^T = K Q^T and dP^T = V dO^T (SS; keys are the M mode, so each warpgroup owns its keys' dK, dV rows),
+//   P^T and dS^T = P^T (dP^T - delta) in registers,
+//   dV += P^T dO and dK += dS^T Q (RS: P^T and dS^T stay in registers; dO and Q read transposed, MN-major),
+//   dQ = dS K (SS: dS^T goes through shared memory; the warpgroups split dQ's head dim, K read transposed),
+// dQ accumulated in fp32 by the thread that owns each element, in key-block order (the workspace, or dq
+// itself for the only key block), so the result is deterministic. The producer warp loads K, V once per
+// key block and Q, dO through a two-stage ring.
+template <class T, int DP>
+struct Bwd {
+  using Element = std::conditional_t<std::is_same_v<T, __half>, cutlass::half_t, cutlass::bfloat16_t>;
+  static constexpr int kBlockM = 64;   // queries per step
+  static constexpr int kBlockN = 128;  // keys per key block: 64 per consumer warpgroup
+  static constexpr int kStages = 2;    // the Q / dO ring
+  static constexpr int kConsumers = 256;
+  static constexpr int kThreads = 128 + kConsumers;
+  // setmaxnreg: at DP = 128 dK, dV (64 fp32 each), S^T, dP^T (32 each) and dQ (32) want every register
+  // (and still spill: ptxas -v reports ~600 bytes); at DP = 64 the producer's TMA loop wants 40
+  static constexpr int kProducerRegs = DP == 64 ? 40 : 24, kConsumerRegs = DP == 64 ? 232 : 240;
+
+  using TileSt = Shape<Int<kBlockN>, Int<kBlockM>>;  // S^T, dP^T: (keys, queries)
+  using TileKV = Shape<Int<kBlockN>, Int<DP>>;       // K, V, dK, dV
+  using TileQ = Shape<Int<kBlockM>, Int<DP>>;        // Q, dO, dQ
+  using MmaSdP = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kBlockN>, Int<kBlockM>, Int<DP>>>(),
+      Layout<Shape<_2, _1, _1>>{}));
+  using MmadKV = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, Shape<Int<kBlockN>, Int<DP>, Int<kBlockM>>, GMMA::Major::K,
+                           GMMA::Major::MN>(),
+      Layout<Shape<_2, _1, _1>>{}));
+  using MmadQ = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kBlockM>, Int<DP / 2>, Int<kBlockN>>, GMMA::Major::K,
+                           GMMA::Major::MN>(),
+      Layout<Shape<_1, _2, _1>>{}));  // the two warpgroups split dQ's head dim
+  static_assert(size(MmaSdP{}) == kConsumers && size(MmadKV{}) == kConsumers && size(MmadQ{}) == kConsumers);
+
+  // K's swizzle atom is half the head dim wide, so that each warpgroup's half of K^T is whole atoms
+  using AtomK = std::conditional_t<DP == 64, GMMA::Layout_K_SW64_Atom<Element>, GMMA::Layout_K_SW128_Atom<Element>>;
+  using SmemLayoutK = decltype(tile_to_shape(AtomK{}, TileKV{}));
+  using SmemLayoutKt = decltype(composition(
+      SmemLayoutK{}, make_layout(Shape<Int<DP>, Int<kBlockN>>{}, Stride<Int<kBlockN>, _1>{})));
+  using SmemLayoutV = decltype(tile_to_shape(
+      cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element, Int<kBlockN>, Int<DP>>(),
+      TileKV{}));
+  using SmemLayoutQ = decltype(tile_to_shape(
+      cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element, Int<kBlockM>, Int<DP>>(),
+      Shape<Int<kBlockM>, Int<DP>, Int<kStages>>{}));
+  using SmemLayoutQt = decltype(composition(
+      SmemLayoutQ{}, make_layout(Shape<Int<DP>, Int<kBlockM>, Int<kStages>>{},
+                                 Stride<Int<kBlockM>, _1, Int<kBlockM * DP>>{})));
+  using SmemLayoutdS = decltype(tile_to_shape(
+      cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element, Int<kBlockM>, Int<kBlockN>>(),
+      Shape<Int<kBlockM>, Int<kBlockN>>{}));
+
+  using GShape = Shape<int32_t, int32_t, int32_t, int32_t>;  // (N, D, H, B)
+  using GStride = Stride<int64_t, _1, int64_t, int64_t>;
+  using GTensor = decltype(make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), GShape{}, GStride{}));
+  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GTensor{}, take<0, 2>(SmemLayoutQ{}), TileQ{}, _1{}));
+  using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, GTensor{}, SmemLayoutK{}, TileKV{}, _1{}));
+  using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GTensor{}, SmemLayoutV{}, TileKV{}, _1{}));
+  static constexpr uint32_t kBytesKV = 2 * kBlockN * DP * sizeof(Element);   // K and V
+  static constexpr uint32_t kBytesQdO = 2 * kBlockM * DP * sizeof(Element);  // Q and dO
+
+  using Pipeline = cutlass::PipelineTmaAsync<kStages>;
+  using PipelineState = cutlass::PipelineState<kStages>;
+
+  struct SharedStorage {
+    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>, 1024> k;
+    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutV>, 1024> v;
+    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> q;
+    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> dout;
+    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutdS>, 1024> ds;
+    typename Pipeline::SharedStorage pipe_qdo;
+    cutlass::arch::ClusterTransactionBarrier kv_full;
+    cutlass::arch::ClusterBarrier kv_empty;
+  };
+  static constexpr int kSmemBytes = int(sizeof(SharedStorage)) + 1024;
+
+  struct Params {
+    TmaQ tma_q, tma_do;
+    TmaK tma_k;
+    TmaV tma_v;
+    BwdParams p;
+  };
+
+  static constexpr uint32_t kDsBarrier = 1;  // named barrier of the 256 consumer threads around dS
+
+  static CUTLASS_DEVICE void run(const Params& params, unsigned char* smem_raw) {
+    const BwdParams& p = params.p;
+    const uint32_t base = cast_smem_ptr_to_uint(smem_raw);
+    SharedStorage& ss = *reinterpret_cast<SharedStorage*>(smem_raw + ((1024 - base % 1024) % 1024));
+    const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int warpgroup = cutlass::canonical_warp_group_idx();
+    const int nkb = (p.Nk + kBlockN - 1) / kBlockN, nmb = (p.Nq + kBlockM - 1) / kBlockM;
+    const int kb_begin = split * p.blocks_per_split;
+    const int kb_end = kb_begin + p.blocks_per_split < nkb ? kb_begin + p.blocks_per_split : nkb;
+
+    Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), SmemLayoutK{});
+    Tensor sKt = make_tensor(make_smem_ptr(ss.k.data()), SmemLayoutKt{});
+    Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), SmemLayoutV{});
+    Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), SmemLayoutQ{});
+    Tensor sQt = make_tensor(make_smem_ptr(ss.q.data()), SmemLayoutQt{});
+    Tensor sdO = make_tensor(make_smem_ptr(ss.dout.data()), SmemLayoutQ{});
+    Tensor sdOt = make_tensor(make_smem_ptr(ss.dout.data()), SmemLayoutQt{});
+    Tensor sdS = make_tensor(make_smem_ptr(ss.ds.data()), SmemLayoutdS{});
+
+    if (threadIdx.x == 0) {
+      cute::prefetch_tma_descriptor(params.tma_q.get_tma_descriptor());
+      cute::prefetch_tma_descriptor(params.tma_do.get_tma_descriptor());
+      cute::prefetch_tma_descriptor(params.tma_k.get_tma_descriptor());
+      cute::prefetch_tma_descriptor(params.tma_v.get_tma_descriptor());
+      ss.kv_full.init(1);
+      ss.kv_empty.init(kConsumers);
+    }
+    typename Pipeline::Params pp;
+    pp.role = warpgroup == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+    pp.is_leader = threadIdx.x == 0;
+    pp.num_consumers = kConsumers;
+    pp.transaction_bytes = kBytesQdO;
+    Pipeline pipe(ss.pipe_qdo, pp, Shape<_1, _1, _1>{});  // initialises the barriers, fence included
+    __syncthreads();
+
+    if (warpgroup == 0) {
+      cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
+      if (threadIdx.x != 0) return;  // the pipeline's leader thread issues every load
+      Tensor mQ = params.tma_q.get_tma_tensor(make_shape(p.Nq, p.D, p.H, p.B))(_, _, h, b);
+      Tensor mdO = params.tma_do.get_tma_tensor(make_shape(p.Nq, p.D, p.H, p.B))(_, _, h, b);
+      Tensor mK = params.tma_k.get_tma_tensor(make_shape(p.Nk, p.D, p.H, p.B))(_, _, h, b);
+      Tensor mV = params.tma_v.get_tma_tensor(make_shape(p.Nk, p.D, p.H, p.B))(_, _, h, b);
+      auto cq = params.tma_q.get_slice(_0{});
+      auto cdo = params.tma_do.get_slice(_0{});
+      auto ck = params.tma_k.get_slice(_0{});
+      auto cv = params.tma_v.get_slice(_0{});
+      Tensor tQg = group_modes<0, 3>(cq.partition_S(local_tile(mQ, TileQ{}, make_coord(_, _0{}))));  // (TMA, m)
+      Tensor tQs = group_modes<0, 3>(cq.partition_D(sQ));                                           // (TMA, stage)
+      Tensor tdOg = group_modes<0, 3>(cdo.partition_S(local_tile(mdO, TileQ{}, make_coord(_, _0{}))));
+      Tensor tdOs = group_modes<0, 3>(cdo.partition_D(sdO));
+      Tensor tKg = group_modes<0, 3>(ck.partition_S(local_tile(mK, TileKV{}, make_coord(_, _0{}))));  // (TMA, n)
+      Tensor tKs = group_modes<0, 3>(ck.partition_D(sK));
+      Tensor tVg = group_modes<0, 3>(cv.partition_S(local_tile(mV, TileKV{}, make_coord(_, _0{}))));
+      Tensor tVs = group_modes<0, 3>(cv.partition_D(sV));
+      PipelineState write = cutlass::make_producer_start_state<Pipeline>();
+      for (int kb = kb_begin; kb < kb_end; ++kb) {
+        if (kb > kb_begin) ss.kv_empty.wait((kb - kb_begin - 1) & 1);  // the consumers are done with K, V
+        ss.kv_full.arrive_and_expect_tx(kBytesKV);
+        copy(params.tma_k.with(reinterpret_cast<uint64_t&>(ss.kv_full), 0), tKg(_, kb), tKs);
+        copy(params.tma_v.with(reinterpret_cast<uint64_t&>(ss.kv_full), 0), tVg(_, kb), tVs);
+        for (int mb = 0; mb < nmb; ++mb) {
+          pipe.producer_acquire(write);
+          copy(params.tma_q.with(*pipe.producer_get_barrier(write), 0), tQg(_, mb), tQs(_, write.index()));
+          copy(params.tma_do.with(*pipe.producer_get_barrier(write), 0), tdOg(_, mb), tdOs(_, write.index()));
+          ++write;
+        }
+      }
+      pipe.producer_tail(write);
+      return;
+    }
+
+    cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
+    const int tidx = threadIdx.x - 128;
+    MmaSdP mma_sdp;
+    MmadKV mma_dkv;
+    MmadQ mma_dq;
+    auto thr_sdp = mma_sdp.get_thread_slice(tidx);
+    auto thr_dkv = mma_dkv.get_thread_slice(tidx);
+    auto thr_dq = mma_dq.get_thread_slice(tidx);
+    Tensor tSrK = thr_sdp.partition_fragment_A(sK);
+    Tensor tSrQ = thr_sdp.partition_fragment_B(sQ);     // (MMA, MMA_N, MMA_K, stages)
+    Tensor tdPrV = thr_sdp.partition_fragment_A(sV);
+    Tensor tdPrdO = thr_sdp.partition_fragment_B(sdO);  // (MMA, MMA_N, MMA_K, stages)
+    Tensor tdVrdOt = thr_dkv.partition_fragment_B(sdOt);
+    Tensor tdKrQt = thr_dkv.partition_fragment_B(sQt);
+    Tensor tdQrdS = thr_dq.partition_fragment_A(sdS);
+    Tensor tdQrKt = thr_dq.partition_fragment_B(sKt);
+    Tensor tdVrdV = partition_fragment_C(mma_dkv, TileKV{});
+    Tensor tdKrdK = partition_fragment_C(mma_dkv, TileKV{});
+    Tensor tScS = thr_sdp.partition_C(make_identity_tensor(TileSt{}));   // (key, query) of each S^T register
+    Tensor tdKcdK = thr_dkv.partition_C(make_identity_tensor(TileKV{}));  // (key, d)
+    Tensor tdQcdQ = thr_dq.partition_C(make_identity_tensor(TileQ{}));    // (query, d)
+
+    const int64_t bh = int64_t(b) * p.H + h;
+    float* acc_base = p.dq_acc == nullptr ? nullptr
+                                          : p.dq_acc + ((int64_t(split) * p.B * p.H + bh) * p.Nq) * p.D;
+    PipelineState read;
+    for (int kb = kb_begin; kb < kb_end; ++kb) {
+      const int n0 = kb * kBlockN;
+      const bool first = kb == kb_begin, direct = kb == kb_end - 1 && p.splits == 1;
+      ss.kv_full.wait((kb - kb_begin) & 1);
+      clear(tdVrdV);
+      clear(tdKrdK);
+      for (int mb = 0; mb < nmb; ++mb) {
+        const int m0 = mb * kBlockM;
+        pipe.consumer_wait(read);
+        // S, dP and dQ are fresh fragments in each step, so that they hold registers only while alive
+        Tensor tSrS = partition_fragment_C(mma_sdp, TileSt{});
+        Tensor tdPrdP = partition_fragment_C(mma_sdp, TileSt{});
+        gemm<true>(mma_sdp, tSrK, tSrQ(_, _, _, read.index()), tSrS);
+        gemm<true>(mma_sdp, tdPrV, tdPrdO(_, _, _, read.index()), tdPrdP);
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < size(tSrS); ++i) {
+          const int key = n0 + int(get<0>(tScS(i))), query = m0 + int(get<1>(tScS(i)));
+          float x = tSrS(i) * p.scale_log2;
+          if (key >= p.Nk)
+            x = -INFINITY;
+          else if (p.mask.kind != MaskKind::none && query < p.Nq)
+            x += mask_term(p.mask, b, h, query, key);
+          float lse = query < p.Nq ? p.lse[bh * p.Nq + query] : INFINITY;
+          lse = lse == -INFINITY ? INFINITY : lse;  // a row with nothing to attend: P = 0, not NaN
+          const float delta = query < p.Nq ? p.delta[bh * p.Nq + query] : 0.f;
+          const float pr = exp2f(x - lse);
+          tSrS(i) = pr;
+          // a softmax over one key is constant: dS = 0 exactly
+          tdPrdP(i) = p.Nk == 1 ? 0.f : pr * (tdPrdP(i) - delta);
+        }
+        Tensor rP = make_tensor_like<Element>(tSrS);
+        Tensor rdS = make_tensor_like<Element>(tdPrdP);
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < size(tSrS); ++i) {
+          rP(i) = Element(tSrS(i));
+          rdS(i) = Element(tdPrdP(i));
+        }
+        gemm<false>(mma_dkv, make_tensor(rP.data(), acc_as_a_operand(tSrS.layout())),
+                    tdVrdOt(_, _, _, read.index()), tdVrdV);
+        gemm<false>(mma_dkv, make_tensor(rdS.data(), acc_as_a_operand(tdPrdP.layout())),
+                    tdKrQt(_, _, _, read.index()), tdKrdK);
+        pipe.consumer_release(read);
+        ++read;
+
+        // dS to shared memory once the previous step's dQ products have read it, then dQ = dS K
+        cutlass::arch::NamedBarrier::sync(kConsumers, kDsBarrier);
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < size(tScS); ++i) sdS(int(get<1>(tScS(i))), int(get<0>(tScS(i)))) = rdS(i);
+        cutlass::arch::fence_view_async_shared();  // the stores are visible to wgmma's reads
+        cutlass::arch::NamedBarrier::sync(kConsumers, kDsBarrier);
+        Tensor tdQrdQ = partition_fragment_C(mma_dq, TileQ{});
+        gemm<true>(mma_dq, tdQrdS, tdQrKt, tdQrdQ);
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < size(tdQrdQ); ++i) {
+          const int row = m0 + int(get<0>(tdQcdQ(i))), col = int(get<1>(tdQcdQ(i)));
+          if (row >= p.Nq || col >= p.D) continue;
+          float v = tdQrdQ(i);
+          float* a = acc_base == nullptr ? nullptr : acc_base + int64_t(row) * p.D + col;
+          if (!first) v += *a;  // the same thread added the previous key blocks' terms
+          if (direct)
+            store(p.dq, b, h, row, col, Elem<T>::from_float(v * p.scale));
+          else
+            *a = v;
+        }
+      }
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(tdKrdK); ++i) {
+        const int row = n0 + int(get<0>(tdKcdK(i))), col = int(get<1>(tdKcdK(i)));
+        if (row >= p.Nk || col >= p.D) continue;
+        store(p.dk, b, h, row, col, Elem<T>::from_float(tdKrdK(i) * p.scale));
+        store(p.dv, b, h, row, col, Elem<T>::from_float(tdVrdV(i)));
+      }
+      ss.kv_empty.arrive();  // K and V may be overwritten: every product that reads them has completed
     }
   }
 };

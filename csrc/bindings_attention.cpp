@@ -33,23 +33,41 @@ struct CudaExec : fastvit::CudaExec {
     ok("attention", A::forward(t, p, at::cuda::getCurrentCUDAStream()));
   }
 
+  bool sm90_backward(const A::BwdParams& p) const { return A::sm90::serves_backward(p); }
+
   void backward(A::DType t, const A::BwdParams& p) const {
     check_arch();
     ok("attention", A::backward(t, p, at::cuda::getCurrentCUDAStream()));
   }
 };
 
-// Which forward kernel serves (q, k, v) on the current device: "sm90_tma_wgmma" or "sm80_mma_sync".
-std::string forward_kernel(const Tensor& q, const Tensor& k, const Tensor& v) {
+// Which kernel serves (q, k, v) on the current device, "sm90_tma_wgmma" or "sm80_mma_sync": the forward's,
+// or with do the backward's.
+std::string kernel_for(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& dout) {
   CudaExec ex;
-  const O::Shape s = O::check_qkv("attention_cuda_forward_kernel", ex, q, k, v);
+  const O::Shape s = O::check_qkv("attention_cuda_kernel", ex, q, k, v);
   const auto guard = ex.guard(q);
-  A::FwdParams p{};
-  p.q = O::operand(q);
-  p.k = O::operand(k);
-  p.v = O::operand(v);
-  p.B = int(s.B), p.H = int(s.H), p.Nq = int(s.Nq), p.Nk = int(s.Nk), p.D = int(s.D);
-  return A::sm90::serves(p) ? "sm90_tma_wgmma" : "sm80_mma_sync";
+  bool sm90 = false;
+  if (dout.has_value()) {
+    TORCH_CHECK(dout->sizes() == q.sizes(), "fastvit attention_cuda_kernel: do must have q's shape ", q.sizes(),
+                ", got ", dout->sizes());
+    ex.check("attention_cuda_kernel", "do", *dout, q);
+    A::BwdParams p{};
+    p.q = O::operand(q);
+    p.k = O::operand(k);
+    p.v = O::operand(v);
+    p.dout = O::operand(*dout);
+    p.B = int(s.B), p.H = int(s.H), p.Nq = int(s.Nq), p.Nk = int(s.Nk), p.D = int(s.D);
+    sm90 = A::sm90::serves_backward(p);
+  } else {
+    A::FwdParams p{};
+    p.q = O::operand(q);
+    p.k = O::operand(k);
+    p.v = O::operand(v);
+    p.B = int(s.B), p.H = int(s.H), p.Nq = int(s.Nq), p.Nk = int(s.Nk), p.D = int(s.D);
+    sm90 = A::sm90::serves(p);
+  }
+  return sm90 ? "sm90_tma_wgmma" : "sm80_mma_sync";
 }
 
 }  // namespace
@@ -63,10 +81,10 @@ TORCH_LIBRARY_FRAGMENT(fastvit, m) {
   m.def("attention_qkvpacked_cuda_infer(Tensor qkv, SymInt num_heads, Tensor? mask, float scale) -> Tensor");
   m.def("attention_qkvpacked_cuda_bwd(Tensor do, Tensor qkv, Tensor o, Tensor lse, Tensor? mask, SymInt num_heads, "
         "float scale) -> Tensor");
-  m.def("attention_cuda_forward_kernel(Tensor q, Tensor k, Tensor v) -> str");
+  m.def("attention_cuda_kernel(Tensor q, Tensor k, Tensor v, Tensor? do) -> str");
 }
 
 TORCH_LIBRARY_IMPL(fastvit, CUDA, m) {
   O::register_impls<CudaExec>(m);
-  m.impl("attention_cuda_forward_kernel", &forward_kernel);
+  m.impl("attention_cuda_kernel", &kernel_for);
 }

@@ -65,13 +65,13 @@ def test_extension_has_the_triton_schemas(ext):
             assert [str(r.type) for r in c.returns] == [str(r.type) for r in t.returns], (fn, stage)
 
 
-def test_forward_kernel_names_its_argument_without_cuda_tensors(ext):
+def test_kernel_names_its_argument_without_cuda_tensors(ext):
     from fastvit.csrc import attention as cuda
 
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("fastvit::attention_cuda_forward_kernel", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("fastvit::attention_cuda_kernel", "CUDA")
     q = torch.randn(1, 1, 4, 8, dtype=F16)
-    with pytest.raises(ValueError, match="forward_kernel: q must be a CUDA tensor"):
-        cuda.forward_kernel(q, q, q)
+    with pytest.raises(ValueError, match="kernel: q must be a CUDA tensor"):
+        cuda.kernel(q, q, q)
 
 
 def test_sm90_forward_fragment_layouts_hold(ext, tmp_path):
@@ -338,35 +338,37 @@ def _gpu_inputs(B, H, Nq, Nk, D, dtype, mask=None):
 
 
 @pytest.fixture(params=["sm90_tma_wgmma", "sm80_mma_sync"])
-def fwd_kernel(request, monkeypatch):
-    """Runs a GPU test once per forward kernel: the Hopper one (sm_90 GPUs) and the mma.sync one, which
-    FASTVIT_ATTENTION_SM90=0 selects on any GPU."""
+def kernels(request, monkeypatch):
+    """Runs a GPU test once per kernel pair: the Hopper forward and backward (sm_90 GPUs) and the mma.sync
+    ones, which FASTVIT_ATTENTION_SM90=0 selects on any GPU."""
     if request.param == "sm90_tma_wgmma":
         if torch.cuda.get_device_capability() != (9, 0):
-            pytest.skip("the TMA / wgmma forward runs on sm_90 GPUs only")
+            pytest.skip("the TMA / wgmma kernels run on sm_90 GPUs only")
         monkeypatch.delenv("FASTVIT_ATTENTION_SM90", raising=False)
     else:
         monkeypatch.setenv("FASTVIT_ATTENTION_SM90", "0")
     return request.param
 
 
-def _served_by(kernel, q, k, v):
+def _served_by(name, q, k, v):
+    """Both passes of (q, k, v) with a contiguous upstream gradient run on kernel ``name``."""
     from fastvit.csrc import attention as cuda
 
-    assert cuda.forward_kernel(q, k, v) == kernel, "the test would not run the kernel it names"
+    dout = torch.empty_like(q, memory_format=torch.contiguous_format)
+    assert cuda.kernel(q, k, v) == name and cuda.kernel(q, k, v, dout) == name, "the test would not run its kernel"
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [F16, BF16])
 @pytest.mark.parametrize("N", GPU_N)
-def test_gpu_numerics_over_lengths(ext, fwd_kernel, N, dtype):
+def test_gpu_numerics_over_lengths(ext, kernels, N, dtype):
     B, H = (2, 3) if N <= 1025 else (1, 2)
     for D in (64, 80) if N > 577 else GPU_D:
         kw = _gpu_inputs(B, H, N, N, D, dtype)
-        _served_by(fwd_kernel, kw["q"], kw["k"], kw["v"])
+        _served_by(kernels, kw["q"], kw["k"], kw["v"])
         check_against_reference(on_cuda(ops.attention), reference.attention, kw, dtype, name=f"N={N} D={D}")
         qkv = randn(B, N, 3 * H * D, dtype=dtype).cuda().requires_grad_()
-        _served_by(fwd_kernel, *qkv.detach().view(B, N, 3, H, D).permute(2, 0, 3, 1, 4))
+        _served_by(kernels, *qkv.detach().view(B, N, 3, H, D).permute(2, 0, 3, 1, 4))
         check_against_reference(on_cuda(ops.attention_qkvpacked), reference.attention_qkvpacked,
                                 {"qkv": qkv, "num_heads": H}, dtype, name=f"packed N={N} D={D}")
 
@@ -375,11 +377,11 @@ def test_gpu_numerics_over_lengths(ext, fwd_kernel, N, dtype):
 @pytest.mark.parametrize("dtype", [F16, BF16])
 @pytest.mark.parametrize("mask_kind", ["keypad", "bool", "dead_row", "additive", "additive_inf"])
 @pytest.mark.parametrize("N", [7, 197, 577])
-def test_gpu_masks(ext, fwd_kernel, N, mask_kind, dtype):
+def test_gpu_masks(ext, kernels, N, mask_kind, dtype):
     B, H, D = 2, 3, 64
     mask = mask_in(masks(B, H, N, N)[mask_kind], dtype).cuda()
     kw = _gpu_inputs(B, H, N, N, D, dtype, mask)
-    _served_by(fwd_kernel, kw["q"], kw["k"], kw["v"])
+    _served_by(kernels, kw["q"], kw["k"], kw["v"])
     check_against_reference(on_cuda(ops.attention), reference.attention, kw, dtype)
     qkv = randn(B, N, 3 * H * D, dtype=dtype).cuda().requires_grad_()
     check_against_reference(on_cuda(ops.attention_qkvpacked), reference.attention_qkvpacked,
@@ -388,17 +390,17 @@ def test_gpu_masks(ext, fwd_kernel, N, mask_kind, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [F16, BF16])
-def test_gpu_noncontiguous_expanded_grad_and_dead_rows(ext, fwd_kernel, dtype):
+def test_gpu_noncontiguous_expanded_grad_and_dead_rows(ext, kernels, dtype):
     B, H, N, D = 2, 3, 197, 72
     q, k, v = (noncontiguous(randn(B, H, N, D, dtype=dtype).cuda()).requires_grad_() for _ in range(3))
-    if fwd_kernel == "sm80_mma_sync":  # the views' feature stride is not 1: no TMA
-        _served_by(fwd_kernel, q, k, v)
+    if kernels == "sm80_mma_sync":  # the views' feature stride is not 1: no TMA
+        _served_by(kernels, q, k, v)
     check_against_reference(on_cuda(ops.attention), reference.attention, {"q": q, "k": k, "v": v}, dtype,
                             grad_out=expanded_grad((B, H, N, D), dtype, "cuda"))
     mask = torch.ones(B, H, N, N, dtype=torch.bool, device="cuda")
     mask[1, 2, 100] = False
     kw = _gpu_inputs(B, H, N, N, D, dtype, mask)
-    _served_by(fwd_kernel, kw["q"], kw["k"], kw["v"])
+    _served_by(kernels, kw["q"], kw["k"], kw["v"])
     out = on_cuda(ops.attention)(**kw)
     out.backward(torch.randn_like(out))
     assert (out[1, 2, 100] == 0).all() and (kw["q"].grad[1, 2, 100] == 0).all()
@@ -406,7 +408,7 @@ def test_gpu_noncontiguous_expanded_grad_and_dead_rows(ext, fwd_kernel, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["row-padded-nan", "bnhd-transposed", "single-batch-head", "head-broadcast-kv"])
-def test_gpu_strided_views_read_in_place(ext, fwd_kernel, layout):
+def test_gpu_strided_views_read_in_place(ext, kernels, layout):
     """Views the forward reads through their strides (TMA descriptors on sm_90): rows padded with NaN
     past D (nothing past D may be read), (B, N, H, D) transposed, size-1 dims, and k, v broadcast over
     heads (stride 0, which TMA cannot take: the mma.sync forward serves it)."""
@@ -429,22 +431,35 @@ def test_gpu_strided_views_read_in_place(ext, fwd_kernel, layout):
         _served_by("sm80_mma_sync", q, k, v)
     else:
         k, v = make().requires_grad_(), make().requires_grad_()
-        _served_by(fwd_kernel, q, k, v)
+        _served_by(kernels, q, k, v)
     check_against_reference(on_cuda(ops.attention), reference.attention, {"q": q, "k": k, "v": v}, dtype)
 
 
 @pytest.mark.gpu
-def test_gpu_forward_kernel_choice(ext, monkeypatch):
-    """forward_kernel names the Hopper forward on sm_90 for TMA-readable inputs, else mma.sync."""
+@pytest.mark.parametrize("B, H, N", [(24, 12, 577), (2, 6, 197), (1, 1, 1025)],
+                         ids=["workspace-unsplit", "split-two-blocks", "split-many-blocks"])
+def test_gpu_backward_plans(ext, kernels, B, H, N):
+    """The backward's plans on the GPU: B * H CTAs fill it and each walks all key blocks, dQ summed in the
+    fp32 workspace; and key blocks split over CTAs, their partials reduced in split order."""
+    kw = _gpu_inputs(B, H, N, N, 64, BF16)
+    _served_by(kernels, kw["q"], kw["k"], kw["v"])
+    check_against_reference(on_cuda(ops.attention), reference.attention, kw, BF16, name=f"B={B} H={H} N={N}")
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_choice(ext, monkeypatch):
+    """kernel() names the Hopper kernels on sm_90 for TMA-readable inputs, else mma.sync; a stride-0
+    upstream gradient (out.sum().backward()) sends the backward to mma.sync."""
     from fastvit.csrc import attention as cuda
 
     q = torch.randn(2, 3, 197, 64, device="cuda", dtype=F16)
-    hopper = torch.cuda.get_device_capability() == (9, 0)
-    assert cuda.forward_kernel(q, q, q) == ("sm90_tma_wgmma" if hopper else "sm80_mma_sync")
+    hopper = "sm90_tma_wgmma" if torch.cuda.get_device_capability() == (9, 0) else "sm80_mma_sync"
+    assert cuda.kernel(q, q, q) == cuda.kernel(q, q, q, torch.randn_like(q)) == hopper
+    assert cuda.kernel(q, q, q, expanded_grad(q.shape, F16, "cuda")) == "sm80_mma_sync"
     odd = torch.randn(2, 3, 197, 65, device="cuda", dtype=F16)[..., :60]  # row stride 65: not 16-byte aligned
-    assert cuda.forward_kernel(odd, odd, odd) == "sm80_mma_sync"
+    assert cuda.kernel(odd, odd, odd) == "sm80_mma_sync"
     monkeypatch.setenv("FASTVIT_ATTENTION_SM90", "0")
-    assert cuda.forward_kernel(q, q, q) == "sm80_mma_sync"
+    assert cuda.kernel(q, q, q) == cuda.kernel(q, q, q, torch.randn_like(q)) == "sm80_mma_sync"
 
 
 @pytest.mark.gpu

@@ -1,4 +1,4 @@
-// Host check of the Hopper attention forward's fragment-layout assumptions (csrc/attention_sm90.cuh),
+// Host check of the Hopper attention kernels' fragment-layout assumptions (csrc/attention_sm90.cuh),
 // with CuTe's own layouts, for every instantiation and every consumer thread; no GPU needed. The kernel
 // assumes that
 //   1. register i of S (and of O) lies in row (i / 2) % 2 of the thread's two rows, and registers 0
@@ -6,7 +6,9 @@
 //   2. the four threads holding a row are lanes 4g .. 4g + 3 of one warp (the two-step shuffle reduction);
 //   3. the S and O registers of all consumer threads cover their tiles exactly once;
 //   4. P's registers, re-viewed by acc_as_a_operand, are the A fragment the RS wgmma of O += P V reads:
-//      register j of that view holds the (query, key) element that the MMA's A partition puts at j.
+//      register j of that view holds the (query, key) element that the MMA's A partition puts at j;
+//   5. the backward's P^T and dS^T likewise for dV += P^T dO and dK += dS^T Q, and its S^T, dK / dV and
+//      dQ fragments cover their tiles once.
 // Prints "ok" and exits 0, or prints the first violation and exits 1.
 #include <cstdio>
 #include <vector>
@@ -79,9 +81,50 @@ bool check(const char* name) {
   return true;
 }
 
+// Every element of a (M, N) tile held by exactly one of the MMA's threads.
+template <class Mma, class Tile>
+bool covers_once(const char* name, int DP, const char* what, Tile tile) {
+  Mma mma;
+  std::vector<int> seen(size(tile), 0);
+  for (int t = 0; t < size(mma); ++t) {
+    Tensor c = mma.get_thread_slice(t).partition_C(make_identity_tensor(tile));
+    for (int i = 0; i < size(c); ++i) ++seen[get<0>(c(i)) + size<0>(tile) * get<1>(c(i))];
+  }
+  for (int e = 0; e < int(seen.size()); ++e) CHECK(seen[e] == 1, "%s element %d is held %d times", what, e, seen[e]);
+  return true;
+}
+
+// The backward: S^T / dP^T registers re-viewed by acc_as_a_operand are the A fragments (keys, queries) of
+// the RS products dV += P^T dO and dK += dS^T Q; S^T, dK / dV and dQ are covered once.
+template <class T, int DP>
+bool check_bwd(const char* name) {
+  using K = S::Bwd<T, DP>;
+  typename K::MmaSdP mma_sdp;
+  typename K::MmadKV mma_dkv;
+  for (int t = 0; t < K::kConsumers; ++t) {
+    Tensor tSrS = partition_fragment_C(mma_sdp, typename K::TileSt{});
+    Tensor tScS = mma_sdp.get_thread_slice(t).partition_C(make_identity_tensor(typename K::TileSt{}));
+    auto view = S::acc_as_a_operand(tSrS.layout());
+    Tensor tAc = mma_dkv.get_thread_slice(t).partition_A(make_identity_tensor(typename K::TileSt{}));
+    CHECK(size(view) == size(tAc) && rank(view) == rank(tAc.layout()), "P^T view does not match the A partition");
+    for (int i = 0; i < size(tSrS); ++i) CHECK(tSrS.layout()(i) == i, "S^T fragment is not compact at %d", i);
+    for (int j = 0; j < size(tAc); ++j) {
+      const auto want = tAc(j), got = tScS(view(j));
+      CHECK(get<0>(want) == get<0>(got) && get<1>(want) == get<1>(got),
+            "thread %d A register %d should hold P^T(%d, %d), holds P^T(%d, %d)", t, j, int(get<0>(want)),
+            int(get<1>(want)), int(get<0>(got)), int(get<1>(got)));
+    }
+  }
+  return covers_once<typename K::MmaSdP>(name, DP, "S^T", typename K::TileSt{}) &&
+         covers_once<typename K::MmadKV>(name, DP, "dK", typename K::TileKV{}) &&
+         covers_once<typename K::MmadQ>(name, DP, "dQ", typename K::TileQ{});
+}
+
 int main() {
   const bool ok = check<__half, 64>("f16") && check<__half, 128>("f16") && check<__nv_bfloat16, 64>("bf16") &&
-                  check<__nv_bfloat16, 128>("bf16");
+                  check<__nv_bfloat16, 128>("bf16") && check_bwd<__half, 64>("bwd f16") &&
+                  check_bwd<__half, 128>("bwd f16") && check_bwd<__nv_bfloat16, 64>("bwd bf16") &&
+                  check_bwd<__nv_bfloat16, 128>("bwd bf16");
   std::printf(ok ? "ok\n" : "FAILED\n");
   return ok ? 0 : 1;
 }
