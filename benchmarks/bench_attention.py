@@ -43,15 +43,20 @@ leave 2-3 CTAs of 4 warps per SM, so expect load latency rather than either floo
 ~0.15-0.25 ms, forward + backward ~0.5-0.8 ms at ViT-B/16 (below Triton's wgmma kernels and SDPA's
 flash backend), to be replaced by measurement.
 
-On sm_90 the CUDA forward is the TMA / wgmma kernel (csrc/attention_sm90.cu; the mma.sync forward stays
-as the ``fastvit[cuda] mma.sync fwd`` row): 128 x 128 tiles, one producer warp issuing TMA loads into a
+On sm_90 the CUDA kernels are the TMA / wgmma ones (csrc/attention_sm90.cu; the mma.sync pair stays as
+the ``fastvit[cuda] mma.sync`` row). Forward: 128 x 128 tiles, one producer warp issuing TMA loads into a
 two-stage K / V ring, two consumer warpgroups of 64 query rows each, S and O on wgmma at the full Hopper
 rate. At ViT-B/16 that is 2 x 12 x 256 = 6144 CTAs, one per SM (168 registers x 384 threads), about 46
 waves of a CTA that loads 80 KB (Q once, two K / V tiles) and runs two serial QK^T -> softmax -> PV
 steps with no overlap of one tile's softmax with the next tile's MMAs (FlashAttention-3's intra-warpgroup
 pipelining is not there yet); expect the forward at 0.10-0.16 ms (40-65 % of the 0.065 ms floor), the
-prologue (barrier set-up, Q load) of each short CTA being the main cost at N = 197; forward + backward
-keeps the mma.sync backward.
+prologue (barrier set-up, Q load) of each short CTA being the main cost at N = 197. Backward: one CTA per
+(batch, head) = 3072 CTAs, each walking 2 key blocks of 128 x 4 query blocks of 64 (K, V loaded once per
+key block, Q and dO once per key block: 2 x the floor's Q, dO bytes, mostly from L2), five wgmma products
+per step and dQ in an fp32 workspace between the two key blocks (written, then read back by the same
+CTA, 310 MB that the 50 MB L2 should mostly hold); steps are serial within a warpgroup (no overlap of
+the softmax-gradient math with the next step's MMAs). Expect forward + backward at 0.35-0.5 ms
+(35-50 % of the 0.18 ms floor), near SDPA's flash backend; measured, not yet.
 
 ``python -m benchmarks.bench_attention`` is ``python -m benchmarks --families attention``: without a GPU
 it says so and runs the family's CPU smoke checks.
@@ -108,7 +113,8 @@ def _sdpa(backend) -> Callable:
 
 
 def _two_pass(fn: Callable) -> Callable:
-    """``fn`` with fastvit's two-pass backward forced (``FUSED_BWD_MAX_KEYS = 0``)."""
+    """``fn`` with fastvit's two-pass backward forced (``FUSED_BWD_MAX_KEYS = 0``, read when the backward
+    launches: ``fn`` must be the whole step, backward included)."""
     from fastvit.kernels import attention as kern
 
     def run(*args):
@@ -122,9 +128,9 @@ def _two_pass(fn: Callable) -> Callable:
     return run
 
 
-def _mma_sync_forward(fn: Callable) -> Callable:
-    """``fn`` with the CUDA backend's mma.sync forward forced (``FASTVIT_ATTENTION_SM90=0``), so that an
-    sm_90 GPU measures it next to the TMA / wgmma forward (csrc/attention_sm90.cu)."""
+def _mma_sync(fn: Callable) -> Callable:
+    """``fn`` with the CUDA backend's mma.sync kernels forced (``FASTVIT_ATTENTION_SM90=0``), so that an
+    sm_90 GPU measures them next to the TMA / wgmma ones (csrc/attention_sm90.cu)."""
     import os
 
     def run(*args):
@@ -152,10 +158,12 @@ def _core_case(name: str, B: int, H: int, N: int, D: int, backward: bool) -> Cas
         qkv = [torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=backward) for _ in range(3)]
         return SimpleNamespace(qkv=qkv, grad=torch.randn_like(qkv[0]) if backward else None)
 
-    def variant(fn: Callable[[], Callable], **kw) -> Variant:
+    def variant(fn: Callable[[], Callable], wrap: Callable[[Callable], Callable] | None = None, **kw) -> Variant:
+        """``wrap`` wraps the whole timed step, so that a setting holds for the backward too."""
         def make(i):
             f = fn()
-            return make_step(lambda: f(*i.qkv), backward, i.qkv, i.grad)
+            step = make_step(lambda: f(*i.qkv), backward, i.qkv, i.grad)
+            return step if wrap is None else wrap(step)
 
         return Variant(make, **kw)
 
@@ -168,9 +176,9 @@ def _core_case(name: str, B: int, H: int, N: int, D: int, backward: bool) -> Cas
     for b in fused_backends("attention"):
         variants[f"fastvit[{b}]"] = variant(fused, backends={FAMILY: b})
     if "cuda" in fused_backends("attention") and _hopper():
-        variants["fastvit[cuda] mma.sync fwd"] = variant(lambda: _mma_sync_forward(fused()), backends={FAMILY: "cuda"})
+        variants["fastvit[cuda] mma.sync"] = variant(fused, wrap=_mma_sync, backends={FAMILY: "cuda"})
     if backward and N <= 256 and "triton" in fused_backends("attention"):
-        variants["fastvit[triton] two-pass bwd"] = variant(lambda: _two_pass(fused()), backends={FAMILY: "triton"})
+        variants["fastvit[triton] two-pass bwd"] = variant(fused, wrap=_two_pass, backends={FAMILY: "triton"})
     variants.update({
         "sdpa flash": variant(lambda: _sdpa(SDPBackend.FLASH_ATTENTION), baseline=True),
         "sdpa cudnn": variant(lambda: _sdpa(SDPBackend.CUDNN_ATTENTION), baseline=True),

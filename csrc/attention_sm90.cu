@@ -1,25 +1,25 @@
-// Attention family, Hopper (sm_90a) forward: TMA loads, wgmma and warp specialisation, written with CuTe.
+// Attention family, Hopper (sm_90a): the kernels of attention_sm90.cuh (TMA loads, wgmma, warp
+// specialisation, written with CuTe), their TMA descriptors, launchers and the dispatch.
 //
-// One CTA per (128-query block, h, b), three warpgroups:
-//   - warpgroup 0 is the producer: one elected thread issues TMA loads of the Q tile (once) and of the K
-//     and V tiles of every key block into a kStages-deep ring of shared-memory buffers, each guarded by
-//     a full / empty mbarrier pair (CUTLASS's PipelineTmaAsync). Its registers go to the consumers
-//     (setmaxnreg).
+// Forward: one CTA per (128-query block, h, b), three warpgroups:
+//   - warpgroup 0 is the producer: one thread issues TMA loads of the Q tile (once) and of the K and V
+//     tiles of every key block into a kStages-deep ring of shared-memory buffers, each guarded by a full /
+//     empty mbarrier pair (CUTLASS's PipelineTmaAsync). Its registers go to the consumers (setmaxnreg).
 //   - warpgroups 1 and 2 are the consumers, 64 query rows each: S = Q K^T with wgmma, both operands in
 //     shared memory (K-major); the online softmax of attention_kernel.h's forward on the accumulator in
 //     registers; O += P V with wgmma, P from registers (RS) and V read from shared memory as an MN-major
 //     B operand, so V is never transposed. Each consumer releases a buffer as soon as its MMA is done.
+// Backward: see Bwd in attention_sm90.cuh; attention.cu runs the delta and split-reduction kernels around it.
 // TMA reads the (B, H, N, D) and packed (B, N, 3 * H * D) operands in place through their strides and
 // fills rows past the sequence end and features past D with zeros, so D = 1 .. 128 runs on the two
-// instantiated head dims (64, 128) without a padded copy. The output and the log-sum-exp are written
-// from registers through the output's strides, as the mma.sync forward does; the numerics (exp2 domain,
-// -inf rows giving 0, the lse in base 2) are the same.
+// instantiated head dims (64, 128) without a padded copy. Outputs and the log-sum-exp are written from
+// registers through their strides, as the mma.sync kernels do; the numerics (exp2 domain, -inf rows
+// giving 0, the lse in base 2, dQ summed in a fixed order) are the same.
 //
-// Only the forward: the backward runs on the mma.sync kernels (attention.cu) on every arch.
-// Served (serves() below): an sm_90 device, an sm_90a image in the build (FASTVIT_SM90A), q, k and v
-// with unit feature stride, 16-byte aligned starts and 16-byte multiple strides (TMA's rules), and
-// FASTVIT_ATTENTION_SM90 not set to 0 (the switch that runs the mma.sync forward instead, for
-// comparing the two on one GPU).
+// Served (serves(), serves_backward()): an sm_90 device, an sm_90a image in the build (FASTVIT_SM90A),
+// q, k, v (and do) with unit feature stride, 16-byte aligned starts and 16-byte multiple strides (TMA's
+// rules; a stride-0 broadcast is not one), and FASTVIT_ATTENTION_SM90 not set to 0 (the switch that runs
+// the mma.sync kernels instead, for comparing the two on one GPU). Neither has run on a GPU yet.
 #include <algorithm>
 #include <array>
 #include <cstdlib>

@@ -1,6 +1,7 @@
-// Attention family, Hopper (sm_90a) forward: the kernel body and its configuration (Fwd<T, DP>), in a
-// header so that tests/cuda/attention_sm90_fragments.cu can check its fragment-layout assumptions on the
-// host with CuTe. The kernel, its launcher and the dispatch are in attention_sm90.cu.
+// Attention family, Hopper (sm_90a): the forward and backward kernel bodies and their configurations
+// (Fwd<T, DP>, Bwd<T, DP>), in a header so that tests/cuda/attention_sm90_fragments.cu can check their
+// fragment-layout assumptions on the host with CuTe. Kernels, TMA descriptors, launchers and the dispatch
+// are in attention_sm90.cu, which describes the forward's schedule.
 #pragma once
 
 #include <cute/tensor.hpp>
