@@ -91,15 +91,11 @@ cudaError_t backward_t(const BwdParams& p, cudaStream_t stream) {
 
 cudaError_t forward(DType t, const FwdParams& p, cudaStream_t stream) {
   if (sm90::serves(p)) return sm90::forward(t, p, stream);
-  const int dp = padded_head_dim(p.D);
-  if (t == DType::f16) return dp == 64 ? forward_t<__half, 64>(p, stream) : forward_t<__half, 128>(p, stream);
-  return dp == 64 ? forward_t<__nv_bfloat16, 64>(p, stream) : forward_t<__nv_bfloat16, 128>(p, stream);
+  return dispatch(t, p.D, [&](auto i) { return forward_t<typename decltype(i)::type, decltype(i)::dp>(p, stream); });
 }
 
 cudaError_t backward(DType t, const BwdParams& p, cudaStream_t stream) {
-  const int dp = padded_head_dim(p.D);
-  if (t == DType::f16) return dp == 64 ? backward_t<__half, 64>(p, stream) : backward_t<__half, 128>(p, stream);
-  return dp == 64 ? backward_t<__nv_bfloat16, 64>(p, stream) : backward_t<__nv_bfloat16, 128>(p, stream);
+  return dispatch(t, p.D, [&](auto i) { return backward_t<typename decltype(i)::type, decltype(i)::dp>(p, stream); });
 }
 
 }  // namespace attention

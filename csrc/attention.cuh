@@ -15,6 +15,20 @@ namespace attention {
 
 enum class DType : int { f16 = 1, bf16 = 2 };
 
+// f(Instance<T, DP>{}) for the element type and padded head dim that serve (t, D): the launchers'
+// dispatch to their four instantiations.
+template <class T, int DP>
+struct Instance {
+  using type = T;
+  static constexpr int dp = DP;
+};
+template <class F>
+cudaError_t dispatch(DType t, int D, F&& f) {
+  const bool d64 = padded_head_dim(D) == 64;
+  if (t == DType::f16) return d64 ? f(Instance<__half, 64>{}) : f(Instance<__half, 128>{});
+  return d64 ? f(Instance<__nv_bfloat16, 64>{}) : f(Instance<__nv_bfloat16, 128>{});
+}
+
 // o (and lse unless p.lse is nullptr) for every (query, b, h). Nq, Nk, B, H >= 1.
 cudaError_t forward(DType t, const FwdParams& p, cudaStream_t stream);
 

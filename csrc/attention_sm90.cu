@@ -130,44 +130,38 @@ bool device_is_sm90() {
   return cached[dev] == 1;
 }
 
-}  // namespace
-
 // Read at every call, so that a test can run both forwards in one process.
 bool enabled() {
   const char* env = std::getenv("FASTVIT_ATTENTION_SM90");
   return env == nullptr || std::strcmp(env, "0") != 0;
 }
 
-bool serves(const FwdParams& p) {
+// This build and device can run the Hopper kernels, and FASTVIT_ATTENTION_SM90 does not say no.
+bool ready() {
 #if defined(FASTVIT_SM90A)
-  return enabled() && device_is_sm90() && tma_ok(p.q, p.Nq, p.H, p.B) && tma_ok(p.k, p.Nk, p.H, p.B) &&
-         tma_ok(p.v, p.Nk, p.H, p.B);
+  return enabled() && device_is_sm90();
 #else
-  (void)p;
   return false;
 #endif
 }
 
-cudaError_t forward(DType t, const FwdParams& p, cudaStream_t stream) {
-  const int dp = padded_head_dim(p.D);
-  if (t == DType::f16) return dp == 64 ? forward_t<__half, 64>(p, stream) : forward_t<__half, 128>(p, stream);
-  return dp == 64 ? forward_t<__nv_bfloat16, 64>(p, stream) : forward_t<__nv_bfloat16, 128>(p, stream);
+}  // namespace
+
+bool serves(const FwdParams& p) {
+  return ready() && tma_ok(p.q, p.Nq, p.H, p.B) && tma_ok(p.k, p.Nk, p.H, p.B) && tma_ok(p.v, p.Nk, p.H, p.B);
 }
 
 bool serves_backward(const BwdParams& p) {
-#if defined(FASTVIT_SM90A)
-  return enabled() && device_is_sm90() && tma_ok(p.q, p.Nq, p.H, p.B) && tma_ok(p.dout, p.Nq, p.H, p.B) &&
-         tma_ok(p.k, p.Nk, p.H, p.B) && tma_ok(p.v, p.Nk, p.H, p.B);
-#else
-  (void)p;
-  return false;
-#endif
+  return ready() && tma_ok(p.q, p.Nq, p.H, p.B) && tma_ok(p.dout, p.Nq, p.H, p.B) && tma_ok(p.k, p.Nk, p.H, p.B) &&
+         tma_ok(p.v, p.Nk, p.H, p.B);
+}
+
+cudaError_t forward(DType t, const FwdParams& p, cudaStream_t stream) {
+  return dispatch(t, p.D, [&](auto i) { return forward_t<typename decltype(i)::type, decltype(i)::dp>(p, stream); });
 }
 
 cudaError_t backward(DType t, const BwdParams& p, cudaStream_t stream) {
-  const int dp = padded_head_dim(p.D);
-  if (t == DType::f16) return dp == 64 ? backward_t<__half, 64>(p, stream) : backward_t<__half, 128>(p, stream);
-  return dp == 64 ? backward_t<__nv_bfloat16, 64>(p, stream) : backward_t<__nv_bfloat16, 128>(p, stream);
+  return dispatch(t, p.D, [&](auto i) { return backward_t<typename decltype(i)::type, decltype(i)::dp>(p, stream); });
 }
 
 }  // namespace sm90
