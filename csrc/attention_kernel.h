@@ -138,15 +138,35 @@ inline BwdPlan plan_bwd(int B, int H, int Nq, int Nk, int D, int num_sms, int sm
   return plan;
 }
 
-// Two neighbouring elements of a row (row, col), (row, col + 1): one 32-bit shared-memory read.
-FV_FN uint32_t ld_row2(const uint16_t* s, int ld, int row, int col) {
-  return *reinterpret_cast<const uint32_t*>(s + row * ld + col);
+// Fragments from row-major shared-memory tiles (row stride ld elements, a multiple of 8, so every 8-element
+// row segment is 16-byte aligned and the 8 rows of an 8 x 8 matrix fall in distinct banks), one ldmatrix.x4
+// each; every lane of the warp must take part.
+//
+// The A fragment of the 16 x 16 block at (row0, col0): matrices (rows +0, cols +0), (+8, +0), (+0, +8), (+8, +8).
+template <class Cx>
+FV_FN void ld_a(Cx& cx, uint32_t (&a)[4], const uint16_t* s, int ld, int row0, int col0) {
+  const int lane = cx.tid() % 32;
+  cx.template ldmatrix_x4<false>(a, s + (row0 + lane % 16) * ld + col0 + (lane / 16) * 8);
 }
 
-// Two neighbouring elements of a column (row, col), (row + 1, col): a B fragment of a row-major tile
-// read as its transpose.
-FV_FN uint32_t ld_col2(const uint16_t* s, int ld, int row, int col) {
-  return uint32_t(s[row * ld + col]) | (uint32_t(s[(row + 1) * ld + col]) << 16);
+// The B fragments (k x n = 16 x 8) of two neighbouring n tiles from a tile that holds n as rows and k
+// as columns (K in S = Q K^T): b0 from rows n0 .. n0 + 7, b1 from rows n0 + 8 .., columns k0 .. k0 + 15.
+template <class Cx>
+FV_FN void ld_b_rows(Cx& cx, uint32_t (&b0)[2], uint32_t (&b1)[2], const uint16_t* s, int ld, int n0, int k0) {
+  const int lane = cx.tid() % 32;
+  uint32_t r[4];
+  cx.template ldmatrix_x4<false>(r, s + (n0 + (lane / 16) * 8 + lane % 8) * ld + k0 + ((lane / 8) % 2) * 8);
+  b0[0] = r[0], b0[1] = r[1], b1[0] = r[2], b1[1] = r[3];
+}
+
+// The same from a tile that holds k as rows and n as columns (V in O += P V), read transposed: b0 from
+// columns n0 .. n0 + 7, b1 from n0 + 8 .., rows k0 .. k0 + 15.
+template <class Cx>
+FV_FN void ld_b_cols(Cx& cx, uint32_t (&b0)[2], uint32_t (&b1)[2], const uint16_t* s, int ld, int k0, int n0) {
+  const int lane = cx.tid() % 32;
+  uint32_t r[4];
+  cx.template ldmatrix_x4<true>(r, s + (k0 + ((lane / 8) % 2) * 8 + lane % 8) * ld + n0 + (lane / 16) * 8);
+  b0[0] = r[0], b0[1] = r[1], b1[0] = r[2], b1[1] = r[3];
 }
 
 // Rows row0 .. row0 + 63 of (b, h)'s (N, D) slice into a (64, DP) tile with row stride DP + 8; rows
@@ -232,12 +252,7 @@ FV_FN void fwd_block(Cx& cx, const FwdParams& p, int mb, int h, int b) {
   load_tile<DP>(cx, sQ, p.q, b, h, m0, p.Nq, p.D);
   cx.sync();
   uint32_t qa[KS][4];
-  for (int ks = 0; ks < KS; ++ks) {
-    qa[ks][0] = ld_row2(sQ, LD, r0, ks * 16 + 2 * t);
-    qa[ks][1] = ld_row2(sQ, LD, r0 + 8, ks * 16 + 2 * t);
-    qa[ks][2] = ld_row2(sQ, LD, r0, ks * 16 + 8 + 2 * t);
-    qa[ks][3] = ld_row2(sQ, LD, r0 + 8, ks * 16 + 8 + 2 * t);
-  }
+  for (int ks = 0; ks < KS; ++ks) ld_a(cx, qa[ks], sQ, LD, warp * 16, ks * 16);
   float acc[DT][4];
   for (int dt = 0; dt < DT; ++dt)
     for (int i = 0; i < 4; ++i) acc[dt][i] = 0.f;
@@ -264,14 +279,15 @@ FV_FN void fwd_block(Cx& cx, const FwdParams& p, int mb, int h, int b) {
       nv.fetch(cx, p.v, b, h, n0 + kBlockN, p.Nk, p.D);
     }
     float s[8][4];
-    for (int nt = 0; nt < 8; ++nt) {
+    for (int nt = 0; nt < 8; ++nt)
       for (int i = 0; i < 4; ++i) s[nt][i] = 0.f;
-      for (int ks = 0; ks < KS; ++ks) {
-        const uint32_t bk[2] = {ld_row2(sK, LD, nt * 8 + g, ks * 16 + 2 * t),
-                                ld_row2(sK, LD, nt * 8 + g, ks * 16 + 8 + 2 * t)};
-        cx.template mma<T>(s[nt], qa[ks], bk);
+    for (int ks = 0; ks < KS; ++ks)
+      for (int nt = 0; nt < 8; nt += 2) {
+        uint32_t bk0[2], bk1[2];
+        ld_b_rows(cx, bk0, bk1, sK, LD, nt * 8, ks * 16);
+        cx.template mma<T>(s[nt], qa[ks], bk0);
+        cx.template mma<T>(s[nt + 1], qa[ks], bk1);
       }
-    }
     for (int nt = 0; nt < 8; ++nt)
       for (int i = 0; i < 4; ++i) {
         const int row = rows[i / 2], col = n0 + nt * 8 + 2 * t + (i & 1);
@@ -307,10 +323,11 @@ FV_FN void fwd_block(Cx& cx, const FwdParams& p, int mb, int h, int b) {
       const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
                               pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
                               pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-      for (int dt = 0; dt < DT; ++dt) {
-        const uint32_t bv[2] = {ld_col2(sV, LD, kk * 16 + 2 * t, dt * 8 + g),
-                                ld_col2(sV, LD, kk * 16 + 8 + 2 * t, dt * 8 + g)};
-        cx.template mma<T>(acc[dt], pa, bv);
+      for (int dt = 0; dt < DT; dt += 2) {
+        uint32_t bv0[2], bv1[2];
+        ld_b_cols(cx, bv0, bv1, sV, LD, kk * 16, dt * 8);
+        cx.template mma<T>(acc[dt], pa, bv0);
+        cx.template mma<T>(acc[dt + 1], pa, bv1);
       }
     }
   }
@@ -408,19 +425,17 @@ FV_FN void bwd_block(Cx& cx, const BwdParams& p, int split, int h, int b) {
       for (int nt = 0; nt < 8; ++nt)
         for (int i = 0; i < 4; ++i) st[nt][i] = dpt[nt][i] = 0.f;
       for (int ks = 0; ks < KS; ++ks) {
-        const uint32_t ka[4] = {ld_row2(sK, LD, kr, ks * 16 + 2 * t), ld_row2(sK, LD, kr + 8, ks * 16 + 2 * t),
-                                ld_row2(sK, LD, kr, ks * 16 + 8 + 2 * t),
-                                ld_row2(sK, LD, kr + 8, ks * 16 + 8 + 2 * t)};
-        const uint32_t va[4] = {ld_row2(sV, LD, kr, ks * 16 + 2 * t), ld_row2(sV, LD, kr + 8, ks * 16 + 2 * t),
-                                ld_row2(sV, LD, kr, ks * 16 + 8 + 2 * t),
-                                ld_row2(sV, LD, kr + 8, ks * 16 + 8 + 2 * t)};
-        for (int nt = 0; nt < 8; ++nt) {
-          const uint32_t bq[2] = {ld_row2(sQ, LD, nt * 8 + g, ks * 16 + 2 * t),
-                                  ld_row2(sQ, LD, nt * 8 + g, ks * 16 + 8 + 2 * t)};
-          cx.template mma<T>(st[nt], ka, bq);
-          const uint32_t bo[2] = {ld_row2(sdO, LD, nt * 8 + g, ks * 16 + 2 * t),
-                                  ld_row2(sdO, LD, nt * 8 + g, ks * 16 + 8 + 2 * t)};
-          cx.template mma<T>(dpt[nt], va, bo);
+        uint32_t ka[4], va[4];
+        ld_a(cx, ka, sK, LD, warp * 16, ks * 16);
+        ld_a(cx, va, sV, LD, warp * 16, ks * 16);
+        for (int nt = 0; nt < 8; nt += 2) {
+          uint32_t bq0[2], bq1[2], bo0[2], bo1[2];
+          ld_b_rows(cx, bq0, bq1, sQ, LD, nt * 8, ks * 16);
+          ld_b_rows(cx, bo0, bo1, sdO, LD, nt * 8, ks * 16);
+          cx.template mma<T>(st[nt], ka, bq0);
+          cx.template mma<T>(st[nt + 1], ka, bq1);
+          cx.template mma<T>(dpt[nt], va, bo0);
+          cx.template mma<T>(dpt[nt + 1], va, bo1);
         }
       }
       // P^T and dS^T = P^T (dP^T - delta); element i of tile nt is (key kr (+8), query nt * 8 + 2t (+1))
@@ -444,13 +459,14 @@ FV_FN void bwd_block(Cx& cx, const BwdParams& p, int split, int h, int b) {
         const uint32_t da[4] = {pack2<T>(dpt[2 * kk][0], dpt[2 * kk][1]), pack2<T>(dpt[2 * kk][2], dpt[2 * kk][3]),
                                 pack2<T>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
                                 pack2<T>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
-        for (int dt = 0; dt < DT; ++dt) {
-          const uint32_t bo[2] = {ld_col2(sdO, LD, kk * 16 + 2 * t, dt * 8 + g),
-                                  ld_col2(sdO, LD, kk * 16 + 8 + 2 * t, dt * 8 + g)};
-          cx.template mma<T>(dv[dt], pa, bo);
-          const uint32_t bq[2] = {ld_col2(sQ, LD, kk * 16 + 2 * t, dt * 8 + g),
-                                  ld_col2(sQ, LD, kk * 16 + 8 + 2 * t, dt * 8 + g)};
-          cx.template mma<T>(dk[dt], da, bq);
+        for (int dt = 0; dt < DT; dt += 2) {
+          uint32_t bo0[2], bo1[2], bq0[2], bq1[2];
+          ld_b_cols(cx, bo0, bo1, sdO, LD, kk * 16, dt * 8);
+          ld_b_cols(cx, bq0, bq1, sQ, LD, kk * 16, dt * 8);
+          cx.template mma<T>(dv[dt], pa, bo0);
+          cx.template mma<T>(dv[dt + 1], pa, bo1);
+          cx.template mma<T>(dk[dt], da, bq0);
+          cx.template mma<T>(dk[dt + 1], da, bq1);
         }
       }
       // dS (queries x keys) to shared memory, rounded as the dK product used it
@@ -466,13 +482,13 @@ FV_FN void bwd_block(Cx& cx, const BwdParams& p, int split, int h, int b) {
         for (int i = 0; i < 4; ++i) dq[dt][i] = 0.f;
       const int qr = warp * 16 + g;
       for (int kk = 0; kk < 4; ++kk) {
-        const uint32_t sa[4] = {ld_row2(sdS, LDS, qr, kk * 16 + 2 * t), ld_row2(sdS, LDS, qr + 8, kk * 16 + 2 * t),
-                                ld_row2(sdS, LDS, qr, kk * 16 + 8 + 2 * t),
-                                ld_row2(sdS, LDS, qr + 8, kk * 16 + 8 + 2 * t)};
-        for (int dt = 0; dt < DT; ++dt) {
-          const uint32_t bk[2] = {ld_col2(sK, LD, kk * 16 + 2 * t, dt * 8 + g),
-                                  ld_col2(sK, LD, kk * 16 + 8 + 2 * t, dt * 8 + g)};
-          cx.template mma<T>(dq[dt], sa, bk);
+        uint32_t sa[4];
+        ld_a(cx, sa, sdS, LDS, warp * 16, kk * 16);
+        for (int dt = 0; dt < DT; dt += 2) {
+          uint32_t bk0[2], bk1[2];
+          ld_b_cols(cx, bk0, bk1, sK, LD, kk * 16, dt * 8);
+          cx.template mma<T>(dq[dt], sa, bk0);
+          cx.template mma<T>(dq[dt + 1], sa, bk1);
         }
       }
       const bool first = kb == kb_begin, last = kb == kb_end - 1, direct = last && p.splits == 1;

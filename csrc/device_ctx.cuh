@@ -19,6 +19,26 @@ struct DeviceCtx {
   __device__ __forceinline__ float shfl_xor(float v, int m) const { return __shfl_xor_sync(0xffffffffu, v, m); }
   __device__ __forceinline__ unsigned char* smem() const { return s; }
 
+  // r[i] = this lane's two elements of 8 x 8 matrix i of 16-bit values, whose rows start at the shared
+  // addresses lanes 8i .. 8i + 7 pass as `row` (16-byte aligned): (row lane / 4, columns 2 (lane % 4) + 0, 1);
+  // with kTrans of the matrix's transpose. One ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16.
+  template <bool kTrans>
+  __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row) const {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
+    if constexpr (kTrans)
+      asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                   : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                   : "r"(a));
+    else
+      asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                   : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                   : "r"(a));
+#else
+    __trap();
+#endif
+  }
+
   // d += A B, one mma.sync.m16n8k16.row.col with fp32 accumulation (fragments as in attention_kernel.h).
   template <class T>
   __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) const {

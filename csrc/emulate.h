@@ -2,7 +2,7 @@
 // families' block bodies (attention_kernel.h, embed_kernel.h) on the host, with no GPU.
 //
 // Each CUDA thread of a block is a coroutine (ucontext) on one OS thread; __syncthreads, the warp
-// shuffles and mma.sync are cooperative barriers, and mma.sync gathers the warp's fragments by the PTX
+// shuffles, ldmatrix and mma.sync are cooperative barriers, and mma.sync gathers the warp's fragments by the PTX
 // ISA's m16n8k16 layouts, multiplies in fp32 and hands each lane its C elements. Shared memory starts
 // filled with 0xff bytes (NaN in fp16, bf16 and fp32), so a read of an element nobody wrote shows. A
 // barrier that not all threads reach is reported as an error instead of hanging.
@@ -42,6 +42,7 @@ class Block {
 
   float shfl[kThreads];
   uint32_t frag_a[kThreads][4], frag_b[kThreads][2];
+  const uint16_t* rows[kThreads];
 
  private:
   static constexpr size_t kStack = 256 * 1024;
@@ -101,6 +102,21 @@ struct HostCtx {
     const float r = blk->shfl[w * 32 + (lane ^ m)];
     blk->warp_barrier(w);
     return r;
+  }
+
+  // ldmatrix.x4[.trans] by the PTX ISA: matrix i's rows come from lanes 8i .. 8i + 7.
+  template <bool kTrans>
+  void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row) {
+    const int w = id / 32, lane = id % 32, g = lane / 4, t = lane % 4;
+    if (reinterpret_cast<uintptr_t>(row) % 16 != 0) throw std::logic_error("ldmatrix: a row address is not 16-byte aligned");
+    blk->rows[id] = row;
+    blk->warp_barrier(w);
+    for (int i = 0; i < 4; ++i) {
+      const uint16_t* const* m = &blk->rows[w * 32 + 8 * i];
+      const uint16_t lo = kTrans ? m[2 * t][g] : m[g][2 * t], hi = kTrans ? m[2 * t + 1][g] : m[g][2 * t + 1];
+      r[i] = uint32_t(lo) | (uint32_t(hi) << 16);
+    }
+    blk->warp_barrier(w);
   }
 
   template <class T>
