@@ -110,7 +110,8 @@ def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor
     """The kernel that serves (q, k, v) (B, H, N, D) CUDA tensors on their device, the forward's, or with
     ``dout`` (q's shape) the backward's: ``"sm90_tma_wgmma"`` (csrc/attention_sm90.cu: TMA, wgmma, warp
     specialisation; needs an sm_90 GPU, an sm_90a image in the build, and q, k, v (and dout) with unit
-    feature stride, 16-byte aligned starts and 16-byte multiple strides) or ``"sm80_mma_sync"``.
+    feature stride, a head dim that is a multiple of 8, 16-byte aligned starts and 16-byte multiple
+    strides) or ``"sm80_mma_sync"``.
     ``FASTVIT_ATTENTION_SM90=0`` in the environment picks the latter everywhere; it is read at every call."""
     for name, t in (("q", q), ("k", k), ("v", v), ("dout", dout)):
         if t is not None and not t.is_cuda:

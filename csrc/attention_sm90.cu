@@ -11,14 +11,14 @@
 //     B operand, so V is never transposed. Each consumer releases a buffer as soon as its MMA is done.
 // Backward: see Bwd in attention_sm90.cuh; attention.cu runs the delta and split-reduction kernels around it.
 // TMA reads the (B, H, N, D) and packed (B, N, 3 * H * D) operands in place through their strides and
-// fills rows past the sequence end and features past D with zeros, so D = 1 .. 128 runs on the two
-// instantiated head dims (64, 128) without a padded copy. Outputs and the log-sum-exp are written from
+// fills rows past the sequence end and features past D with zeros, so any D <= 128 that is a multiple of
+// 8 (the 16-byte stride rule) runs on the two instantiated head dims (64, 128) without a padded copy. Outputs and the log-sum-exp are written from
 // registers through their strides, as the mma.sync kernels do; the numerics (exp2 domain, -inf rows
 // giving 0, the lse in base 2, dQ summed in a fixed order) are the same.
 //
 // Served (serves(), serves_backward()): an sm_90 device, an sm_90a image in the build (FASTVIT_SM90A),
 // q, k, v (and do) with unit feature stride, 16-byte aligned starts and 16-byte multiple strides (TMA's
-// rules; a stride-0 broadcast is not one), and FASTVIT_ATTENTION_SM90 not set to 0 (the switch that runs
+// rules; a stride-0 broadcast is not one; D a multiple of 8), and FASTVIT_ATTENTION_SM90 not set to 0 (the switch that runs
 // the mma.sync kernels instead, for comparing the two on one GPU). Neither has run on a GPU yet.
 #include <algorithm>
 #include <array>
@@ -34,12 +34,15 @@ namespace attention {
 namespace sm90 {
 namespace {
 
-// Fwd or Bwd's body as a kernel; empty in images without sm_90a features (never launched there).
+// Fwd or Bwd's body as a kernel. Images without sm_90a features never launch it (serves() says no); if
+// one ever did, it traps rather than leave the outputs unwritten.
 template <class K>
 __global__ void __launch_bounds__(K::kThreads, 1) kernel(const __grid_constant__ typename K::Params params) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(16) unsigned char smem[];
   K::run(params, smem);
+#else
+  __trap();
 #endif
 }
 

@@ -147,9 +147,11 @@ def gencode_flags(archs: list[str]) -> list[str]:
 
 
 def arch_defines(archs: list[str]) -> list[str]:
-    """Macros naming the arch-specific images in the build: FASTVIT_SM90A when "9.0a" is one (the Hopper
-    attention forward's launcher serves sm_90 devices only then)."""
-    return ["-DFASTVIT_SM90A"] if any(a.removesuffix("+PTX") == "9.0a" for a in archs) else []
+    """Macros naming the arch-specific images in the build: FASTVIT_SM90A when "9.0a" is one and plain
+    "9.0" is not (the Hopper attention kernels serve sm_90 devices only then: with both images the
+    loader could pick the one without wgmma)."""
+    plain = [a.removesuffix("+PTX") for a in archs]
+    return ["-DFASTVIT_SM90A"] if "9.0a" in plain and "9.0" not in plain else []
 
 
 def _digest(archs: list[str], nvcc_version: str) -> str:
