@@ -19,7 +19,7 @@
 // two stages of K and V (160 KiB with Q at DP = 128) within the 227 KiB of shared memory; the sm_90
 // backward by FlashAttention-3's head-dim-128 backward tiles (64 queries x 128 keys, two consumer
 // warpgroups), whose dK, dV, S^T, dP^T and dQ fragments (64 + 64 + 32 + 32 + 32 fp32 per thread at
-// DP = 128) fill the 240 registers setmaxnreg gives (ptxas still spills ~600 bytes there; none at 64).
+// DP = 128) fill the 240 registers setmaxnreg gives (ptxas still spills ~680 bytes there; none at 64).
 // The sequence length does not enter yet: at N = 197 a 128-row tile computes 256 rows (77 % useful).
 #include <type_traits>
 
@@ -70,7 +70,7 @@ cudaError_t forward_t(const FwdParams& p, cudaStream_t stream) {
 
 template <class T, int DP>
 cudaError_t backward_t(const BwdParams& p, cudaStream_t stream) {
-  delta_kernel<T><<<blocks(int64_t(p.B) * p.H * p.Nq, kWarps), kThreads, 0, stream>>>(p);
+  delta_kernel<T><<<blocks(int64_t(p.B) * p.H * p.delta_ld, kWarps), kThreads, 0, stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   if (p.sm90) {

@@ -72,7 +72,9 @@ struct FwdParams {
 struct BwdParams {
   Operand q, k, v, o, dout;
   const float* lse;  // (B, H, Nq), as the forward wrote it
-  float* delta;      // (B, H, Nq) workspace: rowsum(dO * O)
+  float* delta;      // (B, H, delta_ld) workspace: rowsum(dO * O), 0 past Nq
+  float* lse_pad;    // sm90: (B, H, delta_ld) workspace: lse with -inf read as +inf, +inf past Nq; else nullptr
+  int delta_ld;      // row stride of delta and lse_pad: Nq, or for sm90 Nq rounded up to kBlockM
   float* dq_acc;     // (splits, B, H, Nq, D) fp32 workspace, or nullptr when plan_bwd says none is needed
   Output dq, dk, dv;
   Mask mask;
@@ -111,10 +113,12 @@ struct BwdPlan {
   int splits, blocks_per_split;
   int64_t dq_acc_elems;  // fp32 workspace elements (0: none)
   int dq_smem_rows;      // > 0: dQ accumulates in shared memory
+  int delta_ld;          // BwdParams::delta_ld
 };
 
-// sm90: the plan of the Hopper backward, whose key blocks are 128 keys and whose dQ accumulates in the
-// workspace (its shared memory holds K, V, two Q / dO stages and dS).
+// sm90: the plan of the Hopper backward, whose key blocks are 128 keys, whose dQ accumulates in the
+// workspace (its shared memory holds K, V, two Q / dO stages and dS), and whose delta and lse rows are
+// padded to whole 64-query blocks (its producer copies a block's 256 bytes of each with one bulk copy).
 inline BwdPlan plan_bwd(int B, int H, int Nq, int Nk, int D, int num_sms, int smem_per_sm, bool sm90 = false) {
   const int block_n = sm90 ? 2 * kBlockN : kBlockN;
   const int nkb = (Nk + block_n - 1) / block_n;
@@ -130,7 +134,7 @@ inline BwdPlan plan_bwd(int B, int H, int Nq, int Nk, int D, int num_sms, int sm
   if (splits < 1) splits = 1;
   const int per = (nkb + splits - 1) / splits;
   splits = (nkb + per - 1) / per;  // no empty split
-  BwdPlan plan{splits, per, 0, 0};
+  BwdPlan plan{splits, per, 0, 0, sm90 ? (Nq + kBlockM - 1) / kBlockM * kBlockM : Nq};
   if (!sm90 && splits == 1 && nkb > 1 && 2 * (bwd_smem_bytes_for(D, Nq) + 1024) <= smem_per_sm)
     plan.dq_smem_rows = Nq;
   else if (splits > 1 || nkb > 1)
@@ -353,23 +357,32 @@ FV_FN void fwd_block(Cx& cx, const FwdParams& p, int mb, int h, int b) {
 // backward
 // ----------------------------------------------------------------------------------------------
 
-// delta[b, h, i] = sum_d dO[i, d] * O[i, d] in fp32: one warp per row, kWarps rows per CTA.
+// delta[b, h, i] = sum_d dO[i, d] * O[i, d] in fp32 (0 for the padding rows i >= Nq), and lse_pad when
+// there is one: one warp per row of delta_ld, kWarps rows per CTA.
 template <class T, class Cx>
 FV_FN void delta_block(Cx& cx, const BwdParams& p, int64_t block) {
   const int warp = cx.tid() / 32, lane = cx.tid() % 32;
-  const int64_t rows = int64_t(p.B) * p.H * p.Nq;
+  const int64_t rows = int64_t(p.B) * p.H * p.delta_ld;
   const int64_t r = block * kWarps + warp;
-  const bool live = r < rows;
+  const int i = int(r % p.delta_ld);
+  const int64_t bh = r / p.delta_ld;
+  const bool live = r < rows, real = live && i < p.Nq;
   float s = 0.f;
-  if (live) {
-    const int i = int(r % p.Nq), h = int((r / p.Nq) % p.H), b = int(r / (int64_t(p.Nq) * p.H));
+  if (real) {
+    const int h = int(bh % p.H), b = int(bh / p.H);
     const uint16_t* o = static_cast<const uint16_t*>(p.o.ptr) + b * p.o.sb + h * p.o.sh + i * p.o.sn;
     const uint16_t* d = static_cast<const uint16_t*>(p.dout.ptr) + b * p.dout.sb + h * p.dout.sh + i * p.dout.sn;
     for (int c = lane; c < p.D; c += 32)
       s += Elem<T>::to_float(o[c * p.o.sd]) * Elem<T>::to_float(d[c * p.dout.sd]);
   }
   for (int m = 16; m >= 1; m /= 2) s += cx.shfl_xor(s, m);
-  if (live && lane == 0) p.delta[r] = s;
+  if (live && lane == 0) {
+    p.delta[r] = s;
+    if (p.lse_pad != nullptr) {
+      const float lse = real ? p.lse[bh * p.Nq + i] : INFINITY;
+      p.lse_pad[r] = lse == -INFINITY ? INFINITY : lse;  // a row with nothing to attend: P = 0, not NaN
+    }
+  }
 }
 
 // One CTA per (split, h, b): for each key block of its split, dK and dV accumulate over all query
@@ -417,7 +430,7 @@ FV_FN void bwd_block(Cx& cx, const BwdParams& p, int split, int h, int b) {
         float lse = row < p.Nq ? p.lse[bh * p.Nq + row] : INFINITY;
         // a row with nothing to attend saved -inf: read as +inf, so that its P is 0 (not NaN)
         sLse[i] = lse == -INFINITY ? INFINITY : lse;
-        sDelta[i] = row < p.Nq ? p.delta[bh * p.Nq + row] : 0.f;
+        sDelta[i] = row < p.Nq ? p.delta[bh * p.delta_ld + row] : 0.f;
       }
       cx.sync();
 

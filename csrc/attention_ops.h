@@ -185,10 +185,13 @@ void backward(const char* op, Exec& ex, const Tensor& dout, const Tensor& q, con
   p.B = int(s.B), p.H = int(s.H), p.Nq = int(s.Nq), p.Nk = int(s.Nk), p.D = int(s.D);
   p.sm90 = ex.sm90_backward(p);
   const A::BwdPlan plan = A::plan_bwd(p.B, p.H, p.Nq, p.Nk, p.D, ex.num_sms(), ex.smem_per_sm(), p.sm90);
-  Tensor delta = alloc(ex, {s.B, s.H, s.Nq}, q.options().dtype(at::kFloat));
+  Tensor delta = alloc(ex, {s.B, s.H, plan.delta_ld}, q.options().dtype(at::kFloat));
+  Tensor lse_pad = p.sm90 ? alloc(ex, {s.B, s.H, plan.delta_ld}, q.options().dtype(at::kFloat)) : Tensor();
   Tensor acc = plan.dq_acc_elems ? alloc(ex, {plan.dq_acc_elems}, q.options().dtype(at::kFloat)) : Tensor();
   p.lse = lse.data_ptr<float>();
   p.delta = delta.data_ptr<float>();
+  p.lse_pad = p.sm90 ? lse_pad.data_ptr<float>() : nullptr;
+  p.delta_ld = plan.delta_ld;
   p.dq_acc = acc.defined() ? acc.data_ptr<float>() : nullptr;
   p.dq = dq;
   p.dk = dk;

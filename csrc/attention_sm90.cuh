@@ -291,12 +291,13 @@ template <class T, int DP>
 struct Bwd {
   using Element = std::conditional_t<std::is_same_v<T, __half>, cutlass::half_t, cutlass::bfloat16_t>;
   static constexpr int kBlockM = 64;   // queries per step
+  static_assert(kBlockM == attention::kBlockM, "plan_bwd pads delta and lse rows to attention::kBlockM");
   static constexpr int kBlockN = 128;  // keys per key block: 64 per consumer warpgroup
   static constexpr int kStages = 2;    // the Q / dO ring
   static constexpr int kConsumers = 256;
   static constexpr int kThreads = 128 + kConsumers;
   // setmaxnreg: at DP = 128 dK, dV (64 fp32 each), S^T, dP^T (32 each) and dQ (32) want every register
-  // (and still spill: ptxas -v reports ~600 bytes); at DP = 64 the producer's TMA loop wants 40
+  // (and still spill: ptxas -v reports ~680 bytes); at DP = 64 the producer's TMA loop wants 40
   static constexpr int kProducerRegs = DP == 64 ? 40 : 24, kConsumerRegs = DP == 64 ? 232 : 240;
 
   using TileSt = Shape<Int<kBlockN>, Int<kBlockM>>;  // S^T, dP^T: (keys, queries)
@@ -340,7 +341,7 @@ struct Bwd {
   using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, GTensor{}, SmemLayoutK{}, TileKV{}, _1{}));
   using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GTensor{}, SmemLayoutV{}, TileKV{}, _1{}));
   static constexpr uint32_t kBytesKV = 2 * kBlockN * DP * sizeof(Element);   // K and V
-  static constexpr uint32_t kBytesQdO = 2 * kBlockM * DP * sizeof(Element);  // Q and dO
+  static constexpr uint32_t kBytesQdO = 2 * kBlockM * DP * sizeof(Element) + 2 * kBlockM * sizeof(float);  // + lse, delta
 
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
   using PipelineState = cutlass::PipelineState<kStages>;
@@ -351,6 +352,8 @@ struct Bwd {
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> q;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> dout;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutdS>, 1024> ds;
+    alignas(16) float lse[kStages][kBlockM];    // lse_pad and delta of the stage's query block
+    alignas(16) float delta[kStages][kBlockM];
     typename Pipeline::SharedStorage pipe_qdo;
     cutlass::arch::ClusterTransactionBarrier kv_full;
     cutlass::arch::ClusterBarrier kv_empty;
@@ -428,8 +431,12 @@ struct Bwd {
         copy(params.tma_v.with(reinterpret_cast<uint64_t&>(ss.kv_full), 0), tVg(_, kb), tVs);
         for (int mb = 0; mb < nmb; ++mb) {
           pipe.producer_acquire(write);
-          copy(params.tma_q.with(*pipe.producer_get_barrier(write), 0), tQg(_, mb), tQs(_, write.index()));
-          copy(params.tma_do.with(*pipe.producer_get_barrier(write), 0), tdOg(_, mb), tdOs(_, write.index()));
+          uint64_t* bar = pipe.producer_get_barrier(write);
+          copy(params.tma_q.with(*bar, 0), tQg(_, mb), tQs(_, write.index()));
+          copy(params.tma_do.with(*bar, 0), tdOg(_, mb), tdOs(_, write.index()));
+          const int64_t row0 = (int64_t(b) * p.H + h) * p.delta_ld + int64_t(mb) * kBlockM;
+          SM90_BULK_COPY_G2S::copy(p.lse_pad + row0, bar, ss.lse[write.index()], kBlockM * sizeof(float));
+          SM90_BULK_COPY_G2S::copy(p.delta + row0, bar, ss.delta[write.index()], kBlockM * sizeof(float));
           ++write;
         }
       }
@@ -477,18 +484,18 @@ struct Bwd {
         Tensor tdPrdP = partition_fragment_C(mma_sdp, TileSt{});
         gemm<true>(mma_sdp, tSrK, tSrQ(_, _, _, read.index()), tSrS);
         gemm<true>(mma_sdp, tdPrV, tdPrdO(_, _, _, read.index()), tdPrdP);
+        const float* s_lse = ss.lse[read.index()];  // +inf for a row with nothing to attend and past Nq: P = 0
+        const float* s_delta = ss.delta[read.index()];
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < size(tSrS); ++i) {
-          const int key = n0 + int(get<0>(tScS(i))), query = m0 + int(get<1>(tScS(i)));
+          const int key = n0 + int(get<0>(tScS(i))), ql = int(get<1>(tScS(i))), query = m0 + ql;
           float x = tSrS(i) * p.scale_log2;
           if (key >= p.Nk)
             x = -INFINITY;
           else if (p.mask.kind != MaskKind::none && query < p.Nq)
             x += mask_term(p.mask, b, h, query, key);
-          float lse = query < p.Nq ? p.lse[bh * p.Nq + query] : INFINITY;
-          lse = lse == -INFINITY ? INFINITY : lse;  // a row with nothing to attend: P = 0, not NaN
-          const float delta = query < p.Nq ? p.delta[bh * p.Nq + query] : 0.f;
-          const float pr = exp2f(x - lse);
+          const float delta = s_delta[ql];
+          const float pr = exp2f(x - s_lse[ql]);
           tSrS(i) = pr;
           // a softmax over one key is constant: dS = 0 exactly
           tdPrdP(i) = p.Nk == 1 ? 0.f : pr * (tdPrdP(i) - delta);
