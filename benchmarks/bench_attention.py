@@ -38,8 +38,8 @@ schedule on mma.sync m16n8k16 (64 x 64 tiles, 4 warps; the forward reads the nex
 registers while the current ones' MMAs run; the backward: one CTA per (batch, head) walking its key
 blocks, five MMAs per tile pair, dQ accumulated in fp32 in shared memory here, so its bytes are the
 floor's plus Q and dO re-read per key block, from L2). mma.sync peaks near two thirds of wgmma's rate
-on Hopper, the tiles are fed by plain loads (no TMA, no ldmatrix) and 160-255 registers per thread
-leave 2-3 CTAs of 4 warps per SM, so expect load latency rather than either floor to bind: forward
+on Hopper, the tiles reach shared memory by plain loads (no TMA, no cp.async; fragments by ldmatrix)
+and 160-255 registers per thread leave 2-3 CTAs of 4 warps per SM, so expect load latency rather than either floor to bind: forward
 ~0.15-0.25 ms, forward + backward ~0.5-0.8 ms at ViT-B/16 (below Triton's wgmma kernels and SDPA's
 flash backend), to be replaced by measurement.
 
