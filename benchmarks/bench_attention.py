@@ -39,9 +39,9 @@ registers while the current ones' MMAs run; the backward: one CTA per (batch, he
 blocks, five MMAs per tile pair, dQ accumulated in fp32 in shared memory here, so its bytes are the
 floor's plus Q and dO re-read per key block, from L2). mma.sync peaks near two thirds of wgmma's rate
 on Hopper, the tiles reach shared memory by plain loads (no TMA, no cp.async; fragments by ldmatrix)
-and 160-255 registers per thread leave 2-3 CTAs of 4 warps per SM, so expect load latency rather than either floor to bind: forward
-~0.15-0.25 ms, forward + backward ~0.5-0.8 ms at ViT-B/16 (below Triton's wgmma kernels and SDPA's
-flash backend), to be replaced by measurement.
+and 160-255 registers per thread leave 2-3 CTAs of 4 warps per SM, so expect load latency rather than
+either floor to bind: forward ~0.15-0.25 ms, forward + backward ~0.5-0.8 ms at ViT-B/16 (below Triton's
+wgmma kernels and SDPA's flash backend), to be replaced by measurement.
 
 On sm_90 the CUDA kernels are the TMA / wgmma ones (csrc/attention_sm90.cu; the mma.sync pair stays as
 the ``fastvit[cuda] mma.sync`` row). Forward: 128 x 128 tiles, one producer warp issuing TMA loads into a
