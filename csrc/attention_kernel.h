@@ -223,6 +223,16 @@ struct Prefetch {
   }
 };
 
+// Two neighbouring C tiles (16 x 8 each, columns n and n + 8) rounded to T as the A fragment (16 x 16) of
+// the next product, FlashAttention-2's register reuse.
+template <class T>
+FV_FN void a_from_c(uint32_t (&a)[4], const float (&c0)[4], const float (&c1)[4]) {
+  a[0] = pack2<T>(c0[0], c0[1]);
+  a[1] = pack2<T>(c0[2], c0[3]);
+  a[2] = pack2<T>(c1[0], c1[1]);
+  a[3] = pack2<T>(c1[2], c1[3]);
+}
+
 // The mask's additive term for score (row, col) in the exp2 domain: 0 or -inf for a boolean mask.
 FV_FN float mask_term(const Mask& m, int b, int h, int row, int col) {
   const int64_t off = b * m.sb + h * m.sh + row * m.sm + col * m.sn;
@@ -324,9 +334,8 @@ FV_FN void fwd_block(Cx& cx, const FwdParams& p, int mb, int h, int b) {
         }
     }
     for (int kk = 0; kk < 4; ++kk) {
-      const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                              pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      uint32_t pa[4];
+      a_from_c<T>(pa, s[2 * kk], s[2 * kk + 1]);
       for (int dt = 0; dt < DT; dt += 2) {
         uint32_t bv0[2], bv1[2];
         ld_b_cols(cx, bv0, bv1, sV, LD, kk * 16, dt * 8);
@@ -466,12 +475,9 @@ FV_FN void bwd_block(Cx& cx, const BwdParams& p, int split, int h, int b) {
           dpt[nt][i] = p.Nk == 1 ? 0.f : pr * (dpt[nt][i] - sDelta[qi]);
         }
       for (int kk = 0; kk < 4; ++kk) {
-        const uint32_t pa[4] = {pack2<T>(st[2 * kk][0], st[2 * kk][1]), pack2<T>(st[2 * kk][2], st[2 * kk][3]),
-                                pack2<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]),
-                                pack2<T>(st[2 * kk + 1][2], st[2 * kk + 1][3])};
-        const uint32_t da[4] = {pack2<T>(dpt[2 * kk][0], dpt[2 * kk][1]), pack2<T>(dpt[2 * kk][2], dpt[2 * kk][3]),
-                                pack2<T>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
-                                pack2<T>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
+        uint32_t pa[4], da[4];
+        a_from_c<T>(pa, st[2 * kk], st[2 * kk + 1]);
+        a_from_c<T>(da, dpt[2 * kk], dpt[2 * kk + 1]);
         for (int dt = 0; dt < DT; dt += 2) {
           uint32_t bo0[2], bo1[2], bq0[2], bq1[2];
           ld_b_cols(cx, bo0, bo1, sdO, LD, kk * 16, dt * 8);

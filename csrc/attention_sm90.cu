@@ -67,19 +67,25 @@ bool tma_ok(const Operand& g, int N, int H, int B) {
   return true;
 }
 
+// A (N, D, H, B) operand as the global tensor its TMA descriptor describes: (N, D, H, B), or with kT
+// (V read as V^T) (D, N, H, B).
+template <class E, bool kT = false>
+auto tma_tensor(const Operand& g, int N, int H, int B, int D) {
+  const auto st = tma_strides(g, N, H, B, D);
+  const auto ptr = make_gmem_ptr(static_cast<E const*>(g.ptr));
+  if constexpr (kT)
+    return make_tensor(ptr, make_shape(D, N, H, B), make_stride(_1{}, st[0], st[1], st[2]));
+  else
+    return make_tensor(ptr, make_shape(N, D, H, B), make_stride(st[0], _1{}, st[1], st[2]));
+}
+
 template <class T, int DP>
 cudaError_t forward_t(const FwdParams& p, cudaStream_t stream) {
   using K = Fwd<T, DP>;
   using E = typename K::Element;
-  const auto sq = tma_strides(p.q, p.Nq, p.H, p.B, p.D);
-  const auto sk = tma_strides(p.k, p.Nk, p.H, p.B, p.D);
-  const auto sv = tma_strides(p.v, p.Nk, p.H, p.B, p.D);
-  auto mq = make_tensor(make_gmem_ptr(static_cast<E const*>(p.q.ptr)), make_shape(p.Nq, p.D, p.H, p.B),
-                        make_stride(sq[0], _1{}, sq[1], sq[2]));
-  auto mk = make_tensor(make_gmem_ptr(static_cast<E const*>(p.k.ptr)), make_shape(p.Nk, p.D, p.H, p.B),
-                        make_stride(sk[0], _1{}, sk[1], sk[2]));
-  auto mvt = make_tensor(make_gmem_ptr(static_cast<E const*>(p.v.ptr)), make_shape(p.D, p.Nk, p.H, p.B),
-                         make_stride(_1{}, sv[0], sv[1], sv[2]));
+  const auto mq = tma_tensor<E>(p.q, p.Nq, p.H, p.B, p.D);
+  const auto mk = tma_tensor<E>(p.k, p.Nk, p.H, p.B, p.D);
+  const auto mvt = tma_tensor<E, true>(p.v, p.Nk, p.H, p.B, p.D);
   typename K::Params params{
       make_tma_copy(SM90_TMA_LOAD{}, mq, typename K::SmemLayoutQ{}, typename K::TileQ{}, _1{}),
       make_tma_copy(SM90_TMA_LOAD{}, mk, take<0, 2>(typename K::SmemLayoutK{}), typename K::TileK{}, _1{}),
@@ -89,14 +95,6 @@ cudaError_t forward_t(const FwdParams& p, cudaStream_t stream) {
   const dim3 grid(unsigned((p.Nq + K::kBlockM - 1) / K::kBlockM), unsigned(p.H), unsigned(p.B));
   kernel<K><<<grid, K::kThreads, K::kSmemBytes, stream>>>(params);
   return cudaGetLastError();
-}
-
-// A (N, D, H, B) operand as the global tensor its TMA descriptor describes.
-template <class E>
-auto tma_tensor(const Operand& g, int N, int H, int B, int D) {
-  const auto st = tma_strides(g, N, H, B, D);
-  return make_tensor(make_gmem_ptr(static_cast<E const*>(g.ptr)), make_shape(N, D, H, B),
-                     make_stride(st[0], _1{}, st[1], st[2]));
 }
 
 template <class T, int DP>

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from fastvit import _ext
-from fastvit._library import FusedOp, get_op, op_name, wire_autograd
+from fastvit._library import FusedOp, draw_seed, get_op, op_name, wire_autograd
 
 _ext.load()  # the ops must exist before their fakes and autograd are registered
 
@@ -63,11 +63,6 @@ def _backward(saved, grads):
 
 wire_autograd(FN, "cuda", num_outputs=1, backward=_backward)
 _op = FusedOp(FN, "cuda", num_outputs=1)
-
-
-def draw_seed(device: torch.device) -> torch.Tensor:
-    """A dropout seed from torch's generator for ``device`` (as kernels/performer.py draws it)."""
-    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
 
 
 def performer_attention(x, kqv_weight, kqv_bias, w, proj_weight, proj_bias, eps=1e-8, dropout_p=0.0):

@@ -41,6 +41,12 @@ def new_output(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tens
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def draw_seed(device: torch.device) -> torch.Tensor:
+    """A dropout seed from torch's generator for ``device`` (reproducible under torch.manual_seed): the
+    Philox seed the fused dropouts of both backends take."""
+    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+
+
 def op_name(fn: str, backend: str, stage: str | None = None) -> str:
     """Qualified op name: ``op_name("attention", "triton", "fwd") == "fastvit::attention_triton_fwd"``."""
     if not fn.isidentifier() or not backend.isidentifier():

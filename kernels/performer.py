@@ -110,7 +110,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from fastvit._library import FusedOp, get_op, new_output, op_name, wire_autograd
+from fastvit._library import FusedOp, draw_seed, get_op, new_output, op_name, wire_autograd
 from fastvit.kernels._common import autotune_configs, bucket, input_precision, interpreting, kernel_flags, wrap_triton
 
 FN = "performer_attention"  # emb, m <= 128 and the other limits: fastvit.ops.performer._triton_why_not
@@ -760,11 +760,6 @@ def _autograd_backward(saved, grads):
 
 wire_autograd(FN, "triton", num_outputs=1, backward=_autograd_backward)
 _op = FusedOp(FN, "triton", num_outputs=1)
-
-
-def draw_seed(device: torch.device) -> torch.Tensor:
-    """A dropout seed from torch's generator for ``device`` (reproducible under torch.manual_seed)."""
-    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
 
 
 def performer_attention(x, kqv_weight, kqv_bias, w, proj_weight, proj_bias, eps=1e-8, dropout_p=0.0):

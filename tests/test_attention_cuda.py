@@ -74,8 +74,8 @@ def test_kernel_names_its_argument_without_cuda_tensors(ext):
         cuda.kernel(q, q, q)
 
 
-def test_sm90_forward_fragment_layouts_hold(ext, tmp_path):
-    """The Hopper forward's register-layout assumptions (which S / O register is in which row, the quad
+def test_sm90_fragment_layouts_hold(ext, tmp_path):
+    """The Hopper kernels' register-layout assumptions (which S / O register is in which row, the quad
     reductions, P reused as the RS wgmma's A operand), checked on the host with CuTe's own layouts for
     every instantiation and consumer thread: tests/cuda/attention_sm90_fragments.cu (the CPU emulator
     cannot run TMA or wgmma)."""
