@@ -140,6 +140,7 @@ def main(argv=None) -> int:
             loss, top1, top5 = run.evaluate()
             if d.main:
                 print(f"{cfg['checkpoint']}: val loss {loss:.4f}  top-1 {top1:.2f}%  top-5 {top5:.2f}%", flush=True)
+            engine.finish(d)
             return 0
         run = engine.Run(cfg, d)
         if d.main and run.data.skipped:
@@ -148,6 +149,7 @@ def main(argv=None) -> int:
         if d.main and final:
             print(f"done: val top-1 {final['val_top1']:.2f}% after {final['epoch']} epochs; "
                   f"{cfg['output']}/metrics.csv, curves.png, last.pt, best.pt", flush=True)
+        engine.finish(d)
         return 0
     except (engine.ConfigError, DataError, FileNotFoundError) as e:
         print(f"fastvit-train: error: {e}", file=sys.stderr)

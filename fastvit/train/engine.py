@@ -63,6 +63,19 @@ def setup_distributed(device: str | None) -> Dist:
     return Dist(rank, world, local, dev)
 
 
+def finish(d: Dist) -> None:
+    """Every rank waits here at the end of a run, before the process group is destroyed and Python exits.
+
+    Gloo's worker threads drop a finished collective's tensors after waking the caller. A tensor made in
+    Python (all_gather_object's buffers, all_sum's) then needs the GIL to be freed; if that happens while
+    the interpreter is finalizing, the worker dies in "terminate called without an active exception"
+    (seen once in CI, rank 1 of the FSDP run, which returns straight after its last all_gather_object).
+    A barrier holds no Python tensor and lasts until the slowest rank is done saving and plotting.
+    """
+    if d.world > 1:
+        dist.barrier()
+
+
 def all_sum(values: list[float], d: Dist) -> list[float]:
     if d.world == 1:
         return values
