@@ -47,15 +47,15 @@ On sm_90 the CUDA kernels are the TMA / wgmma ones (csrc/attention_sm90.cu; the 
 the ``fastvit[cuda] mma.sync`` row). Forward: 128 x 128 tiles, one producer warp issuing TMA loads into a
 two-stage K / V ring, two consumer warpgroups of 64 query rows each, S and O on wgmma at the full Hopper
 rate. At ViT-B/16 that is 2 x 12 x 256 = 6144 CTAs, one per SM (168 registers x 384 threads), about 46
-waves of a CTA that loads 80 KB (Q once, two K / V tiles) and runs two serial QK^T -> softmax -> PV
-steps with no overlap of one tile's softmax with the next tile's MMAs (FlashAttention-3's intra-warpgroup
-pipelining is not there yet); expect the forward at 0.10-0.16 ms (40-65 % of the 0.065 ms floor), the
-prologue (barrier set-up, Q load) of each short CTA being the main cost at N = 197. Backward: one CTA per
+waves of a CTA that loads 80 KB (Q once, two K / V tiles) and runs two QK^T -> softmax -> PV steps,
+the second tile's softmax overlapping the first tile's PV (FlashAttention-3's intra-warpgroup overlap;
+not its ping-pong between warpgroups); expect the forward at 0.10-0.16 ms (40-65 % of the 0.065 ms
+floor), the prologue (barrier set-up, Q load) of each short CTA being the main cost at N = 197. Backward: one CTA per
 (batch, head) = 3072 CTAs, each walking 2 key blocks of 128 x 4 query blocks of 64 (K, V loaded once per
 key block, Q and dO once per key block: 2 x the floor's Q, dO bytes, mostly from L2), five wgmma products
 per step and dQ in an fp32 workspace between the two key blocks (written, then read back by the same
-CTA, 310 MB that the 50 MB L2 should mostly hold); steps are serial within a warpgroup (no overlap of
-the softmax-gradient math with the next step's MMAs). Expect forward + backward at 0.35-0.5 ms
+CTA, 310 MB that the 50 MB L2 should mostly hold); within a step P^T is computed while dP^T's wgmma
+runs and dS^T while dV's does, but steps do not overlap each other. Expect forward + backward at 0.35-0.5 ms
 (35-50 % of the 0.18 ms floor), near SDPA's flash backend; measured, not yet.
 
 ``python -m benchmarks.bench_attention`` is ``python -m benchmarks --families attention``: without a GPU

@@ -14,12 +14,13 @@
 // How they were chosen, none of them on a GPU yet (none was at hand, see the README): the mma.sync tiles
 // by the register budget of the backward at D = 128 (fp32 dK, dV and dQ fragments, 64 values each, in
 // 255 registers per thread) and a 16-row warp slice per mma.sync; the sm_90 forward by FlashAttention-3's
-// published tile sizes for head dims 64 and 128, cut to what fits without its intra-warpgroup overlap:
-// 128 keys per tile keep S (64 fp32 per thread) and O (up to 64) within the consumers' 240 registers, and
-// two stages of K and V (160 KiB with Q at DP = 128) within the 227 KiB of shared memory; the sm_90
+// published tile sizes for head dims 64 and 128, cut to 128 keys per tile: with its intra-warpgroup
+// overlap S (64 fp32 per thread), the previous tile's P (32) and O (up to 64) are live together within
+// the consumers' 232 registers (no spill), and two stages of K and V (160 KiB with Q at DP = 128) fit
+// the 227 KiB of shared memory; the sm_90
 // backward by FlashAttention-3's head-dim-128 backward tiles (64 queries x 128 keys, two consumer
 // warpgroups), whose dK, dV, S^T, dP^T and dQ fragments (64 + 64 + 32 + 32 + 32 fp32 per thread at
-// DP = 128) fill the 240 registers setmaxnreg gives (ptxas still spills ~680 bytes there; none at 64).
+// DP = 128) fill the 240 registers setmaxnreg gives (ptxas still spills ~640 bytes there; none at 64).
 // The sequence length does not enter yet: at N = 197 a 128-row tile computes 256 rows (77 % useful).
 #include <type_traits>
 

@@ -30,9 +30,10 @@ CUTE_HOST_DEVICE auto acc_as_a_operand(Layout0 acc) {
 }
 
 // C += A B on a tiled wgmma: A and B are descriptor fragments (SS) or A is registers (RS); issues the
-// k-slices, commits them as one batch and waits for it.
+// k-slices and commits them as one wgmma group without waiting. C (and A in registers) must not be
+// touched until a warpgroup_wait<n>() has retired the group; then fence them with warpgroup_fence_operand.
 template <bool kZeroInit, class Mma, class TA, class TB, class TC>
-CUTLASS_DEVICE void gemm(Mma& mma, TA const& a, TB const& b, TC& c) {
+CUTLASS_DEVICE void gemm_issue(Mma& mma, TA const& a, TB const& b, TC& c) {
   constexpr bool kRs = !is_base_of<GMMA::DescriptorIterator, typename Mma::FrgTypeA>::value;
   if constexpr (kRs) warpgroup_fence_operand(const_cast<TA&>(a));
   warpgroup_fence_operand(c);
@@ -44,6 +45,14 @@ CUTLASS_DEVICE void gemm(Mma& mma, TA const& a, TB const& b, TC& c) {
     mma.accumulate_ = GMMA::ScaleOut::One;
   }
   warpgroup_commit_batch();
+  warpgroup_fence_operand(c);
+}
+
+// gemm_issue, then wait for every wgmma group of this warpgroup.
+template <bool kZeroInit, class Mma, class TA, class TB, class TC>
+CUTLASS_DEVICE void gemm(Mma& mma, TA const& a, TB const& b, TC& c) {
+  constexpr bool kRs = !is_base_of<GMMA::DescriptorIterator, typename Mma::FrgTypeA>::value;
+  gemm_issue<kZeroInit>(mma, a, b, c);
   warpgroup_wait<0>();
   warpgroup_fence_operand(c);
   if constexpr (kRs) warpgroup_fence_operand(const_cast<TA&>(a));
@@ -204,15 +213,12 @@ struct Fwd {
     const int rows[2] = {m0 + int(get<0>(tScS(0))), m0 + int(get<0>(tScS(2)))};
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
 
-    ss.bar_q.wait(0);
-    PipelineState read;
-    for (int n = 0; n < n_blocks; ++n) {
-      const int n0 = n * kBlockN;
-      pipe_k.consumer_wait(read);
-      Tensor tSrS = partition_fragment_C(mma_qk, TileS{});  // fresh in each step: live only while needed
-      gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, read.index()), tSrS);
-      pipe_k.consumer_release(read);
-
+    Tensor tSrS = partition_fragment_C(mma_qk, TileS{});
+    Tensor rP = make_tensor_like<Element>(tSrS);
+    Tensor tOrP = make_tensor(rP.data(), acc_as_a_operand(tSrS.layout()));
+    // S = the scaled, masked scores of key block n0 in base 2; the online softmax turns them into
+    // exp2(S - row max) and returns how much the running max grew (alpha), by which O and the sums scale
+    auto softmax = [&](int n0, float (&alpha)[2]) {
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < size(tSrS); ++i) {
         const int row = rows[(i / 2) % 2], col = n0 + int(get<1>(tScS(i)));
@@ -223,7 +229,6 @@ struct Fwd {
           x += mask_term(p.mask, b, h, row, col);
         tSrS(i) = x;
       }
-      float alpha[2];
       CUTLASS_PRAGMA_UNROLL
       for (int r = 0; r < 2; ++r) {
         float mx = -INFINITY;
@@ -245,18 +250,46 @@ struct Fwd {
             row_sum[r] += e;
           }
       }
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(tOrO); ++i) tOrO(i) *= alpha[(i / 2) % 2];
-
-      Tensor rP = make_tensor_like<Element>(tSrS);
+    };
+    auto to_p = [&] {
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < size(tSrS); ++i) rP(i) = Element(tSrS(i));
-      Tensor tOrP = make_tensor(rP.data(), acc_as_a_operand(tSrS.layout()));
-      pipe_v.consumer_wait(read);
-      gemm<false>(mma_pv, tOrP, tOrV(_, _, _, read.index()), tOrO);
-      pipe_v.consumer_release(read);
-      ++read;
+    };
+
+    // FA3's overlap within a warpgroup: step n issues S_n = Q K_n^T, then O += P_{n-1} V_{n-1}, and runs
+    // S_n's softmax while the second product is in flight (wgmma groups retire in order); O is rescaled
+    // once it has landed. K and V advance through their rings one step apart.
+    ss.bar_q.wait(0);
+    PipelineState read_k, read_v;
+    float alpha[2];
+    pipe_k.consumer_wait(read_k);
+    gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, read_k.index()), tSrS);
+    pipe_k.consumer_release(read_k);
+    ++read_k;
+    softmax(0, alpha);  // O is still 0: nothing to rescale
+    to_p();
+    for (int n = 1; n < n_blocks; ++n) {
+      pipe_k.consumer_wait(read_k);
+      gemm_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, read_k.index()), tSrS);
+      pipe_v.consumer_wait(read_v);
+      gemm_issue<false>(mma_pv, tOrP, tOrV(_, _, _, read_v.index()), tOrO);
+      warpgroup_wait<1>();
+      warpgroup_fence_operand(tSrS);
+      pipe_k.consumer_release(read_k);
+      ++read_k;
+      softmax(n * kBlockN, alpha);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tOrO);
+      warpgroup_fence_operand(rP);
+      pipe_v.consumer_release(read_v);
+      ++read_v;
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(tOrO); ++i) tOrO(i) *= alpha[(i / 2) % 2];
+      to_p();
     }
+    pipe_v.consumer_wait(read_v);
+    gemm<false>(mma_pv, tOrP, tOrV(_, _, _, read_v.index()), tOrO);
+    pipe_v.consumer_release(read_v);
 
     float inv[2];
     CUTLASS_PRAGMA_UNROLL
@@ -297,7 +330,7 @@ struct Bwd {
   static constexpr int kConsumers = 256;
   static constexpr int kThreads = 128 + kConsumers;
   // setmaxnreg: at DP = 128 dK, dV (64 fp32 each), S^T, dP^T (32 each) and dQ (32) want every register
-  // (and still spill: ptxas -v reports ~680 bytes); at DP = 64 the producer's TMA loop wants 40
+  // (and still spill: ptxas -v reports ~640 bytes); at DP = 64 the producer's TMA loop wants 40
   static constexpr int kProducerRegs = DP == 64 ? 40 : 24, kConsumerRegs = DP == 64 ? 232 : 240;
 
   using TileSt = Shape<Int<kBlockN>, Int<kBlockM>>;  // S^T, dP^T: (keys, queries)
@@ -482,10 +515,15 @@ struct Bwd {
         // S, dP and dQ are fresh fragments in each step, so that they hold registers only while alive
         Tensor tSrS = partition_fragment_C(mma_sdp, TileSt{});
         Tensor tdPrdP = partition_fragment_C(mma_sdp, TileSt{});
-        gemm<true>(mma_sdp, tSrK, tSrQ(_, _, _, read.index()), tSrS);
-        gemm<true>(mma_sdp, tdPrV, tdPrdO(_, _, _, read.index()), tdPrdP);
+        // four wgmma groups, retired in order: S^T, dP^T; P^T from S^T while dP^T runs; dV += P^T dO while
+        // dS^T is computed; then dK += dS^T Q
+        gemm_issue<true>(mma_sdp, tSrK, tSrQ(_, _, _, read.index()), tSrS);
+        gemm_issue<true>(mma_sdp, tdPrV, tdPrdO(_, _, _, read.index()), tdPrdP);
         const float* s_lse = ss.lse[read.index()];  // +inf for a row with nothing to attend and past Nq: P = 0
         const float* s_delta = ss.delta[read.index()];
+        warpgroup_wait<1>();
+        warpgroup_fence_operand(tSrS);
+        Tensor rP = make_tensor_like<Element>(tSrS);
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < size(tSrS); ++i) {
           const int key = n0 + int(get<0>(tScS(i))), ql = int(get<1>(tScS(i))), query = m0 + ql;
@@ -494,23 +532,27 @@ struct Bwd {
             x = -INFINITY;
           else if (p.mask.kind != MaskKind::none && query < p.Nq)
             x += mask_term(p.mask, b, h, query, key);
-          const float delta = s_delta[ql];
-          const float pr = exp2f(x - s_lse[ql]);
-          tSrS(i) = pr;
-          // a softmax over one key is constant: dS = 0 exactly
-          tdPrdP(i) = p.Nk == 1 ? 0.f : pr * (tdPrdP(i) - delta);
+          tSrS(i) = exp2f(x - s_lse[ql]);
+          rP(i) = Element(tSrS(i));
         }
-        Tensor rP = make_tensor_like<Element>(tSrS);
+        Tensor tdVrP = make_tensor(rP.data(), acc_as_a_operand(tSrS.layout()));
+        gemm_issue<false>(mma_dkv, tdVrP, tdVrdOt(_, _, _, read.index()), tdVrdV);
+        warpgroup_wait<1>();
+        warpgroup_fence_operand(tdPrdP);
         Tensor rdS = make_tensor_like<Element>(tdPrdP);
         CUTLASS_PRAGMA_UNROLL
-        for (int i = 0; i < size(tSrS); ++i) {
-          rP(i) = Element(tSrS(i));
-          rdS(i) = Element(tdPrdP(i));
+        for (int i = 0; i < size(tdPrdP); ++i) {
+          // a softmax over one key is constant: dS = 0 exactly
+          const float ds = p.Nk == 1 ? 0.f : tSrS(i) * (tdPrdP(i) - s_delta[int(get<1>(tScS(i)))]);
+          rdS(i) = Element(ds);
         }
-        gemm<false>(mma_dkv, make_tensor(rP.data(), acc_as_a_operand(tSrS.layout())),
-                    tdVrdOt(_, _, _, read.index()), tdVrdV);
-        gemm<false>(mma_dkv, make_tensor(rdS.data(), acc_as_a_operand(tdPrdP.layout())),
-                    tdKrQt(_, _, _, read.index()), tdKrdK);
+        Tensor tdKrdS = make_tensor(rdS.data(), acc_as_a_operand(tdPrdP.layout()));
+        gemm_issue<false>(mma_dkv, tdKrdS, tdKrQt(_, _, _, read.index()), tdKrdK);
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tdVrdV);
+        warpgroup_fence_operand(tdKrdK);
+        warpgroup_fence_operand(tdVrP);
+        warpgroup_fence_operand(tdKrdS);
         pipe.consumer_release(read);
         ++read;
 
