@@ -48,8 +48,9 @@ the ``fastvit[cuda] mma.sync`` row). Forward: 128 x 128 tiles, one producer warp
 two-stage K / V ring, two consumer warpgroups of 64 query rows each, S and O on wgmma at the full Hopper
 rate. At ViT-B/16 that is 2 x 12 x 256 = 6144 CTAs, one per SM (168 registers x 384 threads), about 46
 waves of a CTA that loads 80 KB (Q once, two K / V tiles) and runs two QK^T -> softmax -> PV steps,
-the second tile's softmax overlapping the first tile's PV (FlashAttention-3's intra-warpgroup overlap;
-not its ping-pong between warpgroups); expect the forward at 0.10-0.16 ms (40-65 % of the 0.065 ms
+the second tile's softmax starting while the first tile's PV runs (FlashAttention-3's intra-warpgroup
+overlap, of which ptxas keeps the scaling, masking and row max, not the exponentials; not its ping-pong
+between warpgroups); expect the forward at 0.10-0.16 ms (40-65 % of the 0.065 ms
 floor), the prologue (barrier set-up, Q load) of each short CTA being the main cost at N = 197. Backward: one CTA per
 (batch, head) = 3072 CTAs, each walking 2 key blocks of 128 x 4 query blocks of 64 (K, V loaded once per
 key block, Q and dO once per key block: 2 x the floor's Q, dO bytes, mostly from L2), five wgmma products

@@ -9,8 +9,9 @@
 //     shared memory (K-major); the online softmax of attention_kernel.h's forward on the accumulator in
 //     registers; O += P V with wgmma, P from registers (RS) and V read from shared memory as an MN-major
 //     B operand, so V is never transposed. Each consumer releases a buffer as soon as its MMA is done.
-//     Within a warpgroup the two products overlap as in FlashAttention-3: step n issues S_n = Q K_n^T and
-//     O += P_{n-1} V_{n-1} back to back and computes S_n's softmax while the second is in flight.
+//     Within a warpgroup the products overlap the softmax as in FlashAttention-3: step n issues S_n = Q K_n^T,
+//     rescales O while it runs, issues O += P_{n-1} V_{n-1} and starts S_n's softmax while that is in
+//     flight (ptxas 13.0 leaves the exponentials after PV's wait: only scaling, masking and the row max overlap).
 // Backward: see Bwd in attention_sm90.cuh; attention.cu runs the delta and split-reduction kernels around it.
 // TMA reads the (B, H, N, D) and packed (B, N, 3 * H * D) operands in place through their strides and
 // fills rows past the sequence end and features past D with zeros, so any D <= 128 that is a multiple of

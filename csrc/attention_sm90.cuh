@@ -67,7 +67,8 @@ struct Fwd {
   static constexpr int kStages = 2;
   static constexpr int kConsumers = 256;
   static constexpr int kThreads = 128 + kConsumers;
-  // setmaxnreg: the producer's TMA loop spills below 40 registers; the consumers need ~170 (S and O in fp32)
+  // setmaxnreg: the producer's TMA loop spills below 40 registers; the consumers hold S and O in fp32 and
+  // the previous tile's P
   static constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 40 x 128 + 232 x 256 <= 65536
 
   using TileS = Shape<Int<kBlockM>, Int<kBlockN>>;
@@ -256,9 +257,16 @@ struct Fwd {
       for (int i = 0; i < size(tSrS); ++i) rP(i) = Element(tSrS(i));
     };
 
-    // FA3's overlap within a warpgroup: step n issues S_n = Q K_n^T, then O += P_{n-1} V_{n-1}, and runs
-    // S_n's softmax while the second product is in flight (wgmma groups retire in order); O is rescaled
-    // once it has landed. K and V advance through their rings one step apart.
+    auto rescale_o = [&](const float (&alpha)[2]) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(tOrO); ++i) tOrO(i) *= alpha[(i / 2) % 2];
+    };
+
+    // FA3's overlap within a warpgroup: step n issues S_n = Q K_n^T, rescales O while it runs, issues
+    // O += P_{n-1} V_{n-1}, and starts S_n's softmax while that product is in flight (wgmma groups retire
+    // in order). ptxas 13.0 keeps the scaling, masking and row max before PV's wait but schedules the
+    // exponentials after it (SASS of all four instantiations), although the PTX has them before.
+    // K and V advance through their rings one step apart.
     ss.bar_q.wait(0);
     PipelineState read_k, read_v;
     float alpha[2];
@@ -266,11 +274,12 @@ struct Fwd {
     gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, read_k.index()), tSrS);
     pipe_k.consumer_release(read_k);
     ++read_k;
-    softmax(0, alpha);  // O is still 0: nothing to rescale
+    softmax(0, alpha);  // alpha = 0: O is still 0
     to_p();
     for (int n = 1; n < n_blocks; ++n) {
       pipe_k.consumer_wait(read_k);
       gemm_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, read_k.index()), tSrS);
+      rescale_o(alpha);
       pipe_v.consumer_wait(read_v);
       gemm_issue<false>(mma_pv, tOrP, tOrV(_, _, _, read_v.index()), tOrO);
       warpgroup_wait<1>();
@@ -278,15 +287,15 @@ struct Fwd {
       pipe_k.consumer_release(read_k);
       ++read_k;
       softmax(n * kBlockN, alpha);
+      warpgroup_fence_operand(tSrS);  // the softmax is done before the wait (in PTX order)
       warpgroup_wait<0>();
       warpgroup_fence_operand(tOrO);
       warpgroup_fence_operand(rP);
       pipe_v.consumer_release(read_v);
       ++read_v;
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(tOrO); ++i) tOrO(i) *= alpha[(i / 2) % 2];
       to_p();
     }
+    rescale_o(alpha);
     pipe_v.consumer_wait(read_v);
     gemm<false>(mma_pv, tOrP, tOrV(_, _, _, read_v.index()), tOrO);
     pipe_v.consumer_release(read_v);
