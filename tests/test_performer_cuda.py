@@ -181,11 +181,9 @@ def test_emulated_dropout_draws_the_triton_mask_and_backward_uses_it(emu):
     check_against_reference(lambda **kw: emu.performer_attention(**kw, dropout_p=p), masked_reference(keep, p), inputs, F16)
     # p = 1 keeps only the v skip: bit for bit the v of the kernel's own projection, which the forward returns
     # for the backward (torch's float16 linear on CPU rounds a few of those values the other way on some CPUs)
-    plain = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
-    args = [plain[k] for k in ("x", "kqv_weight", "kqv_bias", "w", "proj_weight", "proj_bias")]
-    out, _, _, kqv = get_op("performer_attention", "cuda", "fwd")(*args, plain["eps"], 1.0,
-                                                                  tk.draw_seed(torch.device("cpu")))
+    out, _, _, kqv = get_op("performer_attention", "cuda", "fwd")(*op_args(inputs, 1.0, tk.draw_seed(torch.device("cpu"))))
     assert torch.equal(out, kqv[..., 2 * EMB:])
+    plain = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
     assert torch.equal(emu.performer_attention(**plain, dropout_p=1.0), out)  # the inference kernel's the same
 
 
